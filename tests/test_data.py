@@ -1,0 +1,347 @@
+"Tests for mars_nb.data: shipped datasets, spatial splits, rotation through the dataset path, folder errors."
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy import ndimage
+
+from mars_nb.data import (DatasetError, SceneDataset, TileSpec, band_regions, crater_scene, craters, disc_instances,
+                          folder, load_dataset, nuclei, split_files, split_summary)
+from mars_nb.views import IGNORE, footprint_radius
+
+
+@pytest.fixture(scope="module")
+def cds():
+    return craters()
+
+
+@pytest.fixture(scope="module")
+def nds():
+    return nuclei()
+
+
+def _rot(t, k):
+    return torch.rot90(t, k, dims=(-2, -1))
+
+
+def _corner(spec):
+    (cy, cx), (h, w) = spec.center, spec.size
+    return int(cy - h / 2), int(cx - w / 2)
+
+
+# ---------------------------------------------------------------- masks from the catalog
+
+def test_disc_masks_match_direct_distance_test(cds):
+    "Semantic crater labels equal an independent 'inside any disc' test on a window of the tile."
+    _, cat, _ = crater_scene()
+    r0, c0, n = 400, 40, 200
+    rr, cc = np.mgrid[r0:r0 + n, c0:c0 + n]
+    inside = np.zeros((n, n), bool)
+    for x, y, d in cat[["x", "y", "diameter"]].to_numpy():
+        inside |= (cc - x) ** 2 + (rr - y) ** 2 <= (d / 2) ** 2
+    assert inside.sum() > 500
+    np.testing.assert_array_equal(cds.labels[0][r0:r0 + n, c0:c0 + n].numpy(), inside.astype(np.int64))
+
+
+def test_disc_instances_hand_case():
+    d = disc_instances((5, 5), [2, 2], [2, 2], [5, 2])
+    expect = np.array([[0, 1, 1, 1, 0], [1, 1, 2, 1, 1], [1, 2, 2, 2, 1], [1, 1, 2, 1, 1], [0, 1, 1, 1, 0]])
+    np.testing.assert_array_equal(d, expect)
+
+
+def test_crater_dataset_basics(cds):
+    assert cds.class_names == ["background", "crater"] and cds.num_classes == 2 and cds.num_channels == 1
+    assert cds.images[0].shape == (1, 1700, 1700) and cds.images[0].dtype == torch.float32
+    assert int(cds.instances[0].max()) == 409 and len(torch.unique(cds.instances[0])) == 410
+    y0, y1, x0, x1 = cds.regions["train"]
+    train = cds.images[0][:, y0:y1, x0:x1]
+    assert abs(float(train.mean())) < 1e-3 and abs(float(train.std()) - 1) < 1e-3, "normalized with train statistics"
+
+
+# ---------------------------------------------------------------- rotation through the dataset path
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_crater_tile_quarter_turns_are_exact_rot90(cds, k):
+    for spec in cds.test_tiles()[:4]:
+        up, rot = cds.tile(spec, 0), cds.tile(spec, 90 * k)
+        r0, c0 = _corner(spec)
+        h, w = spec.size
+        assert torch.equal(up["label"], cds.labels[0][r0:r0 + h, c0:c0 + w])
+        assert torch.equal(up["image"], cds.images[0][:, r0:r0 + h, c0:c0 + w])
+        assert torch.equal(rot["label"], _rot(up["label"], k))
+        assert torch.equal(rot["image"], _rot(up["image"], k))
+        assert torch.equal(rot["instance"], _rot(up["instance"], k))
+        assert rot["valid"].all()
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_nuclei_tile_quarter_turns_are_exact_rot90(nds, k):
+    for spec in nds.test_tiles():
+        up, rot = nds.tile(spec, 0), nds.tile(spec, 90 * k)
+        assert torch.equal(rot["label"], _rot(up["label"], k)) and torch.equal(rot["image"], _rot(up["image"], k))
+        assert rot["valid"].all()
+
+
+@pytest.mark.parametrize("size", [64, 128])
+def test_rotate_then_crop_at_90_is_rot90_of_upright_crop(cds, size):
+    spec = cds.test_tiles(size=size)[5]
+    assert torch.equal(cds.tile(spec, 90)["image"], _rot(cds.tile(spec, 0)["image"], 1))
+    assert torch.equal(cds.tile(spec, -90)["label"], _rot(cds.tile(spec, 0)["label"], -1))
+
+
+def _reference_rotated_crop(src: np.ndarray, center, size, angle, order):
+    "Independent rotate-then-crop with scipy: output offset p=(x,y) samples the source at R^-1 p (CCW, y down)."
+    h, w = size
+    t = math.radians(angle)
+    y, x = np.mgrid[0:h, 0:w] + 0.5
+    y, x = y - h / 2, x - w / 2
+    sy = center[0] + x * math.sin(t) + y * math.cos(t)
+    sx = center[1] + x * math.cos(t) - y * math.sin(t)
+    if order == 0:  # nearest: the pixel that contains the sample point
+        return src[np.floor(sy).astype(int), np.floor(sx).astype(int)]
+    return ndimage.map_coordinates(src, [sy - 0.5, sx - 0.5], order=1)
+
+
+@pytest.mark.parametrize("angle", [30.0, 135.0, 212.5])
+def test_rotated_tile_matches_independent_resampling(cds, angle):
+    spec = cds.test_tiles()[7]
+    t = cds.tile(spec, angle)
+    lab = _reference_rotated_crop(cds.labels[0].numpy(), spec.center, spec.size, angle, 0)
+    img = _reference_rotated_crop(cds.images[0][0].numpy().astype(np.float64), spec.center, spec.size, angle, 1)
+    assert (t["label"].numpy() == lab).mean() > 0.999   # nearest: only exact ties may differ
+    np.testing.assert_allclose(t["image"][0].numpy(), img, atol=1e-4)
+    assert t["valid"].all() and (t["label"] != IGNORE).all()
+
+
+# ---------------------------------------------------------------- splits
+
+@pytest.mark.parametrize("name", ["craters", "nuclei"])
+def test_split_regions_tile_the_scene_disjointly(cds, nds, name):
+    ds = cds if name == "craters" else nds
+    H, W = ds.labels[0].shape
+    count = np.zeros((H, W), int)
+    for y0, y1, x0, x1 in ds.regions.values():
+        count[y0:y1, x0:x1] += 1
+    assert count.max() == 1, "a pixel belongs to two splits"
+    assert count.min() == 1, "every pixel belongs to a split"
+    assert set(ds.regions) == {"train", "val", "test"}
+
+
+def test_crater_test_tile_footprints_inside_test_region(cds):
+    y0, y1, x0, x1 = cds.regions["test"]
+    tiles = cds.test_tiles()
+    assert len(tiles) >= 20 and tiles == cds.test_tiles()
+    for t in tiles:
+        (cy, cx), R = t.center, footprint_radius(t.size)
+        assert y0 <= cy - R and cy + R <= y1 and x0 <= cx - R and cx + R <= x1
+    assert len({t.center for t in tiles}) == len(tiles)
+
+
+def test_nuclei_test_tiles_inside_test_region(nds):
+    y0, y1, x0, x1 = nds.regions["test"]
+    for t in nds.test_tiles():
+        r0, c0 = _corner(t)
+        assert y0 <= r0 and r0 + t.size[0] <= y1 and x0 <= c0 and c0 + t.size[1] <= x1
+
+
+def test_crater_counts_per_split_sum_to_409(cds):
+    s = split_summary(cds).set_index("split")
+    assert s.objects.sum() == 409 and (s.objects > 50).all() and (s.tiles > 0).all()
+    _, cat, _ = crater_scene()
+    for split, (y0, y1, _, _) in cds.regions.items():   # independent count by centre row
+        assert s.objects[split] == int(((np.round(cat.y) >= y0) & (np.round(cat.y) < y1)).sum())
+
+
+def test_nuclei_counts(nds):
+    s = split_summary(nds).set_index("split")
+    assert s.objects.sum() == 125 and int(nds.instances[0].max()) == 125
+
+
+def test_band_regions_rejects_bad_fractions():
+    with pytest.raises(ValueError, match="fractions"):
+        band_regions(100, 100, (0.5, 0.5))
+    with pytest.raises(ValueError, match="fractions"):
+        band_regions(100, 100, (0.5, 0.5, 0.0))
+
+
+def _split_indicator_dataset():
+    "A 300x300 scene whose pixel value is its split id (train 0, val 1, test 2)."
+    img = torch.zeros(1, 300, 300)
+    img[:, 0:100], img[:, 100:160] = 1.0, 2.0
+    parts = {"train": [(0, (160, 300, 0, 300))], "val": [(0, (0, 100, 0, 300))], "test": [(0, (100, 160, 0, 300))]}
+    return SceneDataset("toy", ["a", "b"], [img], [img[0].long()], parts, tile_mode="crop")
+
+
+def test_sample_views_never_leave_the_train_region():
+    ds = _split_indicator_dataset()
+    for i, angle in enumerate([0, 17, 45, 90, 133, 270]):
+        v = ds.sample_views("train", 64, angle, np.random.default_rng(i))
+        for k in ("image1", "image2"):
+            assert (v[k] == 0).all(), f"{k} at {angle} deg holds pixels of another split"
+        assert (v["label2"] == 0).all(), "fill or foreign labels entered view 2"
+    with pytest.raises(DatasetError, match=r"92x92"):
+        ds.sample_views("test", 64, 0, np.random.default_rng(0))   # a 60-row band is too small
+    with pytest.raises(ValueError, match="valid splits"):
+        ds.sample_views("holdout", 64, 0, np.random.default_rng(0))
+
+
+# ---------------------------------------------------------------- training pairs
+
+def test_sample_views_deterministic_and_view2_is_rotated_view1(cds):
+    a = cds.sample_views("train", 128, 90.0, np.random.default_rng(123))
+    b = cds.sample_views("train", 128, 90.0, np.random.default_rng(123))
+    c = cds.sample_views("train", 128, 90.0, np.random.default_rng(124))
+    assert set(a) == {"image1", "label1", "image2", "label2", "instance1", "instance2"}
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["image1"], c["image1"])
+    for k in ("image", "label", "instance"):
+        assert torch.equal(a[f"{k}2"], _rot(a[f"{k}1"], 1))
+    assert a["image1"].shape == (1, 128, 128) and a["image1"].dtype == torch.float32
+    assert a["label1"].shape == (128, 128) and a["label1"].dtype == torch.int64 and a["label2"].dtype == torch.int64
+
+
+def test_sample_views_odd_angle_has_no_fill(cds, nds):
+    for ds in (cds, nds):
+        v = ds.sample_views("train", 128, 33.0, np.random.default_rng(5))
+        assert (v["label2"] != IGNORE).all() and (v["label1"] != IGNORE).all()
+        assert torch.equal(torch.unique(v["label2"]), torch.unique(v["label1"])) or v["label1"].sum() == 0
+
+
+# ---------------------------------------------------------------- nuclei tiles with fill
+
+def test_nuclei_valid_mask_all_true_at_0_not_at_45(nds):
+    spec = nds.test_tiles()[0]
+    t0, t45 = nds.tile(spec, 0), nds.tile(spec, 45)
+    assert t0["valid"].dtype == torch.bool and t0["valid"].all()
+    assert not t45["valid"].all() and t45["valid"].float().mean() > 0.6
+    assert (t45["label"][~t45["valid"]] == IGNORE).all() and (t45["label"][t45["valid"]] != IGNORE).all()
+    assert not t45["valid"][0, 0] and t45["valid"][64, 64]
+    batch = nds.tiles(nds.test_tiles(), 45)
+    assert batch["image"].shape == (4, 1, 128, 128) and batch["valid"].shape == (4, 128, 128)
+
+
+# ---------------------------------------------------------------- folder datasets
+
+def _make_folder(root, n=4, size=(48, 48), value=1):
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        m = np.zeros(size, np.uint8)
+        m[10:30, 5:25] = value
+        Image.fromarray(rng.integers(0, 255, size, dtype=np.uint8)).save(root / "images" / f"s{i}.png")
+        Image.fromarray(m).save(root / "masks" / f"s{i}.png")
+    return root
+
+
+def test_folder_loads_and_splits_by_file(tmp_path):
+    root = _make_folder(tmp_path / "d", n=6)
+    ds = folder(root)
+    assert ds.num_classes == 2 and ds.num_channels == 1 and len(ds.images) == 6
+    files = {s: {ds.scene_names[i] for i, _ in p} for s, p in ds.parts.items()}
+    assert set().union(*files.values()) == {f"images/s{i}.png" for i in range(6)}
+    assert sum(len(f) for f in files.values()) == 6 and all(files.values())
+    assert files == {s: {ds.scene_names[i] for i, _ in p} for s, p in folder(root).parts.items()}, "deterministic"
+    assert split_files([f"s{i}" for i in range(6)]) == split_files([f"s{i}" for i in reversed(range(6))])
+    s = split_summary(ds)
+    assert s.objects.sum() == 6 and list(s.split) == ["train", "val", "test"]
+
+
+def test_folder_palette_mask_gives_indices(tmp_path):
+    root = _make_folder(tmp_path / "d", n=3)
+    m = Image.fromarray(np.array([[0, 2] * 24] * 48, np.uint8), mode="P")
+    m.putpalette([0, 0, 0, 200, 10, 10, 10, 200, 10] + [0] * (3 * 253))
+    m.save(root / "masks" / "s1.png")
+    ds = folder(root, class_names=["bg", "a", "b"])
+    assert set(torch.unique(ds.labels[1]).tolist()) == {0, 2}
+
+
+def test_folder_missing_pair(tmp_path):
+    root = _make_folder(tmp_path / "d")
+    (root / "masks" / "s2.png").unlink()
+    with pytest.raises(DatasetError, match=r"images/s2\.png has no mask"):
+        folder(root)
+
+
+def test_folder_mask_without_image(tmp_path):
+    root = _make_folder(tmp_path / "d")
+    (root / "images" / "s3.png").unlink()
+    with pytest.raises(DatasetError, match=r"masks/s3\.png has no image"):
+        folder(root)
+
+
+def test_folder_size_mismatch(tmp_path):
+    root = _make_folder(tmp_path / "d")
+    Image.fromarray(np.zeros((40, 48), np.uint8)).save(root / "masks" / "s1.png")
+    with pytest.raises(DatasetError, match=r"size mismatch: images/s1\.png is 48x48.*masks/s1\.png is 40x48"):
+        folder(root)
+
+
+def test_folder_label_out_of_range(tmp_path):
+    root = _make_folder(tmp_path / "d", value=1)
+    Image.fromarray(np.full((48, 48), 7, np.uint8)).save(root / "masks" / "s0.png")
+    with pytest.raises(DatasetError, match=r"masks/s0\.png has label value\(s\) \[7\] out of range.*0\.\.1"):
+        folder(root, num_classes=2)
+    m = np.zeros((48, 48), np.uint8)
+    m[0] = IGNORE
+    Image.fromarray(m).save(root / "masks" / "s0.png")
+    assert folder(root, num_classes=2).num_classes == 2, "IGNORE is always allowed"
+
+
+def test_folder_empty(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    with pytest.raises(DatasetError, match="holds no images"):
+        folder(tmp_path)
+    with pytest.raises(DatasetError, match="masks/ is missing"):
+        (tmp_path / "masks").rmdir()
+        folder(tmp_path)
+
+
+def test_folder_unreadable_files(tmp_path):
+    root = _make_folder(tmp_path / "d")
+    (root / "images" / "s0.png").write_bytes(b"not a png at all")
+    with pytest.raises(DatasetError, match=r"cannot read image images/s0\.png"):
+        folder(root)
+    root = _make_folder(tmp_path / "e")
+    (root / "masks" / "s1.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with pytest.raises(DatasetError, match=r"cannot read mask masks/s1\.png"):
+        folder(root)
+
+
+def test_folder_rgb_mask_rejected(tmp_path):
+    root = _make_folder(tmp_path / "d")
+    Image.fromarray(np.zeros((48, 48, 3), np.uint8)).save(root / "masks" / "s0.png")
+    with pytest.raises(DatasetError, match=r"masks/s0\.png .*single-channel index or palette PNG"):
+        folder(root)
+
+
+def test_folder_too_small_for_rotated_crop(tmp_path):
+    ds = folder(_make_folder(tmp_path / "d", n=4, size=(48, 48)))
+    with pytest.raises(DatasetError, match=r"too small for a 64x64 training crop.*at least 92x92"):
+        ds.sample_views("train", 64, 30.0, np.random.default_rng(0))
+    v = ds.sample_views("train", 32, 90.0, np.random.default_rng(0))   # 48 >= ceil(32*sqrt 2) + rounding
+    assert torch.equal(v["label2"], _rot(v["label1"], 1)) and "instance1" not in v
+
+
+def test_folder_rgb_and_jpg_images(tmp_path):
+    root = _make_folder(tmp_path / "d", n=3)
+    Image.fromarray(np.zeros((48, 48, 3), np.uint8)).save(root / "images" / "s0.jpg")
+    (root / "images" / "s0.png").unlink()
+    ds = folder(root)
+    assert ds.num_channels == 3 and all(x.shape == (3, 48, 48) for x in ds.images)
+
+
+# ---------------------------------------------------------------- by name
+
+def test_load_dataset_by_name():
+    assert load_dataset("nuclei", tile_size=64).tile_size == 64
+    with pytest.raises(ValueError, match="unknown dataset 'moon'; valid names: craters, nuclei, folder"):
+        load_dataset("moon")
+
+
+def test_tile_spec_roundtrip(cds):
+    spec = cds.test_tiles()[0]
+    assert cds.tile(tuple(spec), 0)["label"].equal(cds.tile(TileSpec(*spec), 0)["label"])

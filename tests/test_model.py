@@ -1,0 +1,186 @@
+"""Tests for mars_nb.model: presets, channel folding, padding, targets, semantic inference, training."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mars_nb.model import (PRESETS, adapt_input_channels, build_model, pad_to_multiple, predict_semantic,
+                           preset_config, semantic_probs, semantic_targets)
+
+IGNORE = 255
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return build_model("tiny", num_labels=2, num_channels=1)
+
+
+def test_tiny_forward_shapes(tiny):
+    out = tiny(pixel_values=torch.randn(2, 1, 128, 128))
+    q = tiny.config.num_queries
+    assert out.masks_queries_logits.shape == (2, q, 32, 32)
+    assert out.class_queries_logits.shape == (2, q, 3)
+    # >= 3 masked-attention layers so that every attention level (i % 3) is used
+    assert len(tiny.model.transformer_module.decoder.layers) >= 3
+    assert tiny.num_parameters() < 5_000_000
+
+
+def test_r50_is_the_paper_architecture():
+    cfg = preset_config("r50", num_labels=2, num_channels=3)
+    bb = cfg.backbone_config
+    assert bb.depths == [3, 4, 6, 3] and bb.layer_type == "bottleneck" and bb.hidden_sizes == [256, 512, 1024, 2048]
+    assert cfg.hidden_dim == 256 and cfg.num_queries == 100 and cfg.encoder_layers == 6
+    model = build_model("r50", num_labels=2, num_channels=3)
+    assert len(model.model.transformer_module.decoder.layers) == 9
+    # a ResNet-50 without its classifier head has 23,508,032 parameters (torchvision: 25,557,032 - fc 2,049,000)
+    backbone = model.model.pixel_level_module.encoder
+    assert sum(p.numel() for p in backbone.parameters()) == 23_508_032
+
+
+def test_bad_presets_and_overrides():
+    with pytest.raises(ValueError, match="r50"):
+        build_model("huge")
+    with pytest.raises(ValueError, match="num_querys"):
+        build_model("tiny", num_querys=3)
+    with pytest.raises(ValueError, match="pretrained="):
+        build_model("pretrained")
+
+
+def test_overrides_reach_config():
+    m = build_model("tiny", num_labels=4, num_queries=8, backbone_config={"depths": [1, 1, 1, 1]})
+    assert m.config.num_queries == 8 and m.config.num_labels == 4 and m.config.backbone_config.depths == [1, 1, 1, 1]
+    assert m.class_predictor.out_features == 5
+    assert "depths" in PRESETS["tiny"]["backbone_config"] and PRESETS["tiny"]["backbone_config"]["depths"] == [1, 1, 2, 1]
+
+
+def test_pad_to_multiple():
+    x = torch.arange(2 * 3 * 50 * 70, dtype=torch.float).reshape(2, 3, 50, 70)
+    p, hw = pad_to_multiple(x, 32, value=-1.0)
+    assert p.shape == (2, 3, 64, 96) and hw == (50, 70)
+    assert torch.equal(p[..., :50, :70], x)
+    assert (p[..., 50:, :] == -1).all() and (p[..., :, 70:] == -1).all()
+    same, hw2 = pad_to_multiple(torch.zeros(1, 64, 32))
+    assert same.shape == (1, 64, 32) and hw2 == (64, 32)
+    y = torch.zeros(1, 33, 33, dtype=torch.long)
+    py, _ = pad_to_multiple(y, 32, value=IGNORE)
+    assert py.dtype == torch.long and py.shape == (1, 64, 64) and (py[:, 33:] == IGNORE).all()
+
+
+def test_semantic_targets_against_loop():
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 4, (3, 9, 7), generator=g)
+    labels[0][labels[0] == 2] = IGNORE          # class 2 absent from image 0
+    labels[1, :3] = IGNORE
+    labels[2] = 1                               # a single class
+    masks, ids = semantic_targets(labels, num_labels=4)
+    for b in range(3):
+        present = [k for k in range(4) if (labels[b] == k).any()]
+        assert ids[b].tolist() == present and ids[b].dtype == torch.long
+        assert masks[b].dtype == torch.float and masks[b].shape == (len(present), 9, 7)
+        for i, k in enumerate(present):
+            assert torch.equal(masks[b][i], (labels[b] == k).float())
+        # ignored pixels belong to no mask, every other pixel to exactly one
+        cover = masks[b].sum(0)
+        assert torch.equal(cover, (labels[b] != IGNORE).float())
+
+
+def test_semantic_targets_empty_and_errors():
+    masks, ids = semantic_targets(torch.full((1, 4, 4), IGNORE), num_labels=2)
+    assert masks[0].shape == (0, 4, 4) and ids[0].numel() == 0
+    with pytest.raises(ValueError, match="outside"):
+        semantic_targets(torch.tensor([[[0, 5]]]), num_labels=2)
+    with pytest.raises(ValueError, match="B, H, W"):
+        semantic_targets(torch.zeros(4, 4, dtype=torch.long), num_labels=2)
+
+
+def test_semantic_probs_against_loop():
+    g = torch.Generator().manual_seed(2)
+    B, Q, K, h, w = 2, 5, 3, 4, 6
+    cl, ml = torch.randn(B, Q, K + 1, generator=g), torch.randn(B, Q, h, w, generator=g)
+    ref = torch.zeros(B, K, h, w)
+    for b in range(B):
+        for q in range(Q):
+            e = torch.exp(cl[b, q] - cl[b, q].max())
+            p = e / e.sum()
+            for k in range(K):
+                ref[b, k] += p[k] * torch.sigmoid(ml[b, q])
+    out = semantic_probs(cl, ml, (h, w))
+    assert torch.allclose(out, ref, atol=1e-6)
+    up = semantic_probs(cl, ml, (16, 24))
+    assert torch.allclose(up, F.interpolate(ref, size=(16, 24), mode="bilinear", align_corners=False), atol=1e-6)
+    with pytest.raises(ValueError):
+        semantic_probs(cl, ml[:, :3], (h, w))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_predict_semantic(tiny, training):
+    tiny.train(training)
+    x = torch.randn(2, 1, 100, 90)
+    pred = predict_semantic(tiny, x)
+    assert tiny.training == training
+    assert pred.shape == (2, 100, 90) and pred.dtype == torch.long and not pred.requires_grad
+    assert set(pred.unique().tolist()) <= {0, 1}
+    # independent reference: pad by hand, forward in eval mode, upsample, crop, argmax
+    tiny.eval()
+    with torch.no_grad():
+        xp = torch.zeros(2, 1, 128, 96)
+        xp[..., :100, :90] = x
+        out = tiny(pixel_values=xp)
+        cls = out.class_queries_logits.softmax(-1)[..., :-1]
+        seg = (cls[..., None, None] * out.masks_queries_logits.sigmoid()[:, :, None]).sum(1)
+        ref = F.interpolate(seg, size=(128, 96), mode="bilinear", align_corners=False)[..., :100, :90].argmax(1)
+    tiny.train(training)
+    assert torch.equal(pred, ref)
+
+
+def test_tiny_loss_goes_down():
+    torch.manual_seed(0)
+    model = build_model("tiny")
+    g = torch.Generator().manual_seed(0)
+    labels = torch.zeros(2, 64, 64, dtype=torch.long)
+    labels[0, 10:40, 5:30] = 1
+    labels[1, 30:60, 20:50] = 1
+    images = torch.randn(2, 1, 64, 64, generator=g) * 0.5 + labels[:, None].float()
+    mask_labels, class_labels = semantic_targets(labels, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(30):
+        loss = model(pixel_values=images, mask_labels=mask_labels, class_labels=class_labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.5 * losses[0]
+
+
+def test_pretrained_roundtrip_folds_channels(tmp_path):
+    torch.manual_seed(0)
+    src = build_model("tiny", num_labels=2, num_channels=3).eval()
+    src.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="pretrained="):
+        build_model("pretrained", num_labels=3)
+    dst = build_model("pretrained", pretrained=str(tmp_path), num_labels=3, num_channels=1).eval()
+    assert dst.class_predictor.out_features == 4 and dst.config.num_labels == 3
+    assert dst.config.backbone_config.num_channels == 1
+    # weights outside the classifier come from the checkpoint
+    assert torch.equal(dst.model.transformer_module.queries_features.weight,
+                       src.model.transformer_module.queries_features.weight)
+    # a grey image through the folded model == the same image repeated to RGB through the original
+    g = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        a = src.model.pixel_level_module(g.repeat(1, 3, 1, 1))
+        b = dst.model.pixel_level_module(g)
+    assert torch.allclose(a.decoder_last_hidden_state, b.decoder_last_hidden_state, atol=1e-4)
+    assert predict_semantic(dst, g).shape == (2, 64, 64)
+
+
+def test_adapt_input_channels_other_counts():
+    torch.manual_seed(0)
+    m = build_model("tiny", num_channels=3)
+    w = m.model.pixel_level_module.encoder.embedder.embedder.convolution.weight.detach().clone()
+    adapt_input_channels(m, 2)
+    w2 = m.model.pixel_level_module.encoder.embedder.embedder.convolution.weight
+    assert w2.shape[1] == 2 and torch.allclose(w2, w[:, :2] * 1.5)
+    assert m(pixel_values=torch.randn(1, 2, 64, 64)).masks_queries_logits.shape[-2:] == (16, 16)
+    with pytest.raises(ValueError):
+        adapt_input_channels(m, 0)

@@ -1,0 +1,480 @@
+"""Tests for mars_nb.taps on the tiny Hugging Face Mask2Former and a detectron2-shaped stand-in."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mars_nb.model import build_model
+from mars_nb.taps import (TAP_STRIDES, Taps, TapSpec, find_family, resolve_paths, split_views, stage_taps,
+                          tap_stride)
+
+
+def hook_count(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model("tiny").eval()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, 128, 128, generator=g)
+    return torch.cat([x, torch.rot90(x, 1, (-2, -1))])  # two views, B = 2 x 2
+
+
+@pytest.fixture(scope="module")
+def captured(model, batch):
+    with Taps(model, stage_taps(model)) as taps:
+        out = model(pixel_values=batch)
+    return taps.check(), out
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face family
+# ---------------------------------------------------------------------------------------------
+
+def test_preset_shapes_two_view_batch(model, captured):
+    taps, _ = captured
+    cap, meta = taps.captured, taps.meta
+    C, Q = model.config.feature_size, model.config.num_queries
+    widths = model.config.backbone_config.hidden_sizes
+    expected = {
+        "backbone.res2": (4, widths[0], 32, 32), "backbone.res3": (4, widths[1], 16, 16),
+        "backbone.res4": (4, widths[2], 8, 8), "backbone.res5": (4, widths[3], 4, 4),
+        "pixel_decoder.mask_features": (4, model.config.mask_feature_size, 32, 32),
+        "pixel_decoder.ms0": (4, C, 4, 4), "pixel_decoder.ms1": (4, C, 8, 8), "pixel_decoder.ms2": (4, C, 16, 16),
+    }
+    layers = len(model.model.transformer_module.decoder.layers)
+    assert layers >= 3
+    side = {0: 4, 1: 8, 2: 16}
+    for i in range(layers):
+        expected[f"attention.layer{i}"] = (4, Q, side[i % 3] ** 2)
+    assert {n: tuple(t.shape) for n, t in cap.items()} == expected
+    for n in expected:
+        assert meta[n]["stride"] == tap_stride(n) == tap_stride(n, model)
+        if n.startswith("attention"):
+            i = int(n[len("attention.layer"):])
+            assert meta[n]["level"] == i % 3 and meta[n]["hw"] == (side[i % 3], side[i % 3])
+            assert meta[n]["stride"] * side[i % 3] == 128
+        else:
+            assert meta[n]["hw"] is None
+            assert cap[n].shape[-1] * meta[n]["stride"] == 128
+
+
+def test_attention_rows_are_distributions(model, captured):
+    taps, _ = captured
+    for i in range(len(model.model.transformer_module.decoder.layers)):
+        a = taps.captured[f"attention.layer{i}"]
+        assert (a >= 0).all()
+        # Mask2Former un-masks fully masked rows, so every query's row sums to 1
+        assert torch.allclose(a.sum(-1), torch.ones_like(a.sum(-1)), atol=1e-5)
+
+
+def test_captured_tensors_are_the_models_tensors(model, batch, captured):
+    taps, out = captured
+    with torch.no_grad():
+        plm = model.model.pixel_level_module
+        feats = plm.encoder(batch).feature_maps
+        dec = plm.decoder(feats)
+    for i in range(4):
+        assert torch.allclose(taps.captured[f"backbone.res{i + 2}"], feats[i], atol=1e-5)
+    assert torch.allclose(taps.captured["pixel_decoder.mask_features"], dec.mask_features, atol=1e-5)
+    for i in range(3):
+        assert torch.allclose(taps.captured[f"pixel_decoder.ms{i}"], dec.multi_scale_features[i], atol=1e-5)
+
+
+def _reference_attention(mha: nn.MultiheadAttention, kw: dict) -> torch.Tensor:
+    "Per-head attention weights [B, heads, Q, S] computed by hand from the call's inputs."
+    q, k = kw["query"], kw["key"]                                # [Q, B, E], [S, B, E]
+    E, h = mha.embed_dim, mha.num_heads
+    d = E // h
+    Wq, Wk = mha.in_proj_weight[:E], mha.in_proj_weight[E:2 * E]
+    bq, bk = mha.in_proj_bias[:E], mha.in_proj_bias[E:2 * E]
+    Qn, B, S = q.shape[0], q.shape[1], k.shape[0]
+    qh = (q @ Wq.T + bq).reshape(Qn, B, h, d).permute(1, 2, 0, 3)
+    kh = (k @ Wk.T + bk).reshape(S, B, h, d).permute(1, 2, 0, 3)
+    scores = qh @ kh.transpose(-1, -2) / math.sqrt(d)            # [B, h, Q, S]
+    mask = kw.get("attn_mask")
+    if mask is not None:
+        scores = scores.masked_fill(mask.reshape(B, h, Qn, S), float("-inf"))
+    return scores.softmax(-1)
+
+
+def test_attention_equals_hand_computed_softmax(model, batch):
+    layer = 1
+    mha = model.model.transformer_module.decoder.layers[layer].cross_attn
+    seen = {}
+
+    def grab(mod, args, kwargs):
+        assert args == ()  # Hugging Face calls the cross-attention with keywords only
+        seen.update(kwargs)
+
+    h = mha.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            with Taps(model, stage_taps(model, "attention", select=f"attention.layer{layer}")) as avg:
+                model(pixel_values=batch)
+            ref = _reference_attention(mha, seen)
+            with Taps(model, stage_taps(model, "attention", select=f"attention.layer{layer}"), per_head=True) as per:
+                model(pixel_values=batch)
+    finally:
+        h.remove()
+    assert seen["attn_mask"] is not None and seen["attn_mask"].any()  # a real masked attention
+    heads = model.config.num_attention_heads
+    p = per.check().captured[f"attention.layer{layer}"]
+    assert p.shape == (4, heads, model.config.num_queries, 64)
+    assert torch.allclose(p, ref, atol=1e-5)
+    assert torch.allclose(avg.check().captured[f"attention.layer{layer}"], ref.mean(1), atol=1e-5)
+
+
+def test_taps_do_not_change_the_output(model, batch, captured):
+    _, with_taps = captured
+    with torch.no_grad():
+        plain = model(pixel_values=batch)
+        with Taps(model, stage_taps(model), per_head=True):
+            per_head = model(pixel_values=batch)
+    assert torch.allclose(plain.masks_queries_logits, with_taps.masks_queries_logits, atol=1e-5)
+    assert torch.allclose(plain.masks_queries_logits, per_head.masks_queries_logits, atol=1e-5)
+
+
+def test_non_square_grid_order(model):
+    x = torch.randn(2, 1, 64, 128)
+    with Taps(model, stage_taps(model, ("pixel_decoder", "attention"))) as taps:
+        model(pixel_values=x)
+    cap, meta = taps.check().captured, taps.meta
+    assert cap["pixel_decoder.ms0"].shape[-2:] == (2, 4) and cap["pixel_decoder.mask_features"].shape[-2:] == (16, 32)
+    assert meta["attention.layer0"]["hw"] == (2, 4) and cap["attention.layer0"].shape[-1] == 8
+    assert meta["attention.layer2"]["hw"] == (8, 16) and cap["attention.layer2"].shape[-1] == 128
+
+
+def test_hooks_removed_after_context_and_exception(model, batch):
+    before = hook_count(model)
+    taps = Taps(model, stage_taps(model), per_head=True)
+    with taps:
+        assert hook_count(model) > before
+        model(pixel_values=batch[:2])
+    assert hook_count(model) == before
+    with pytest.raises(ZeroDivisionError):
+        with Taps(model, stage_taps(model)):
+            assert hook_count(model) > before
+            1 / 0
+    assert hook_count(model) == before
+    # a failing forward inside the block (wrong channel count) also leaves no hook behind
+    with pytest.raises(ValueError):
+        with Taps(model, stage_taps(model)):
+            model(pixel_values=torch.randn(2, 3, 64, 64))
+    assert hook_count(model) == before
+    # captured tensors survive the block; a second entry starts empty
+    assert "backbone.res2" in taps.captured
+    with taps:
+        assert taps.captured == {}
+        with pytest.raises(RuntimeError, match="already attached"):
+            taps.attach()
+    assert hook_count(model) == before
+
+
+def test_gradients_flow_from_captured_tensors(batch):
+    torch.manual_seed(0)
+    m = build_model("tiny")
+    stem = m.model.pixel_level_module.encoder.embedder.embedder.convolution.weight
+    for name in ["backbone.res5", "pixel_decoder.ms1", "attention.layer1"]:
+        m.zero_grad()
+        with Taps(m, stage_taps(m, select=name)) as taps:
+            m(pixel_values=batch)
+        t = taps.check().captured[name]
+        assert t.requires_grad and t.grad_fn is not None
+        t.pow(2).sum().backward()
+        assert stem.grad is not None and stem.grad.abs().sum() > 0, name
+
+
+def test_detach_option(model, batch):
+    with Taps(model, stage_taps(model, select=["backbone.res3", "attention.layer0"]), detach=True) as taps:
+        model(pixel_values=batch)
+    assert taps.check().captured and all(not t.requires_grad for t in taps.captured.values())
+
+
+def test_glob_paths_and_generic_outputs(model, batch):
+    with Taps(model, ["model.transformer_module.decoder.layers.*.cross_attn", "model.pixel_level_module.decoder.layer_?"]) as taps:
+        model(pixel_values=batch)
+    layers = len(model.model.transformer_module.decoder.layers)
+    names = [f"model.transformer_module.decoder.layers.{i}.cross_attn" for i in range(layers)]
+    assert set(taps.check().captured) == set(names) | {"model.pixel_level_module.decoder.layer_1"}
+    # a string tap keeps the module's (first) output: for an MHA, its attended values [Q, B, E]
+    assert taps.captured[names[0]].shape == (model.config.num_queries, 4, model.config.hidden_dim)
+    assert taps.captured["model.pixel_level_module.decoder.layer_1"].shape == (4, 64, 32, 32)
+
+
+def test_bad_path_names_close_matches(model):
+    with pytest.raises(ValueError, match=r"model\.pixel_level_module\.decoder") as e:
+        Taps(model, ["model.pixel_level_module.decodr"])
+    assert "decodr" in str(e.value)
+    with pytest.raises(ValueError, match="closest"):
+        resolve_paths(model, "model.transformer_module.decoder.layers.0.crossattn")
+    with pytest.raises(ValueError, match="exactly one"):
+        Taps(model, [TapSpec("all", "model.transformer_module.decoder.layers.*.cross_attn")])
+    with pytest.raises(ValueError, match="nn.MultiheadAttention"):
+        Taps(model, [TapSpec("x", "model.pixel_level_module.decoder", attention=True)])
+    with pytest.raises(ValueError, match="attention.layer1"):
+        stage_taps(model, select="attention.layer_1")
+    with pytest.raises(ValueError, match="hybrid"):
+        stage_taps(model, "pixel-decoder")
+    with pytest.raises(ValueError, match="duplicate"):
+        Taps(model, stage_taps(model, "backbone") * 2)
+
+
+def test_check_names_tap_that_did_not_fire(model, batch):
+    specs = stage_taps(model, "backbone", select="backbone.res2") + ["criterion"]  # the loss only runs with labels
+    with Taps(model, specs) as taps:
+        model(pixel_values=batch[:2])
+    with pytest.raises(RuntimeError, match="criterion") as e:
+        taps.check()
+    assert "backbone.res2" not in str(e.value)
+
+
+def test_split_views(model, batch, captured):
+    taps, _ = captured
+    v1, v2 = split_views(taps)
+    assert set(v1) == set(v2) == set(taps.captured)
+    for n, t in taps.captured.items():
+        assert torch.equal(torch.cat([v1[n], v2[n]]), t) and v1[n].shape[0] == 2
+        assert v1[n].data_ptr() == t.data_ptr()  # a view, not a copy
+    # the second half is what view 2 alone gives (eval mode: no batch statistics)
+    with torch.no_grad():
+        single = model.model.pixel_level_module.encoder(batch[2:]).feature_maps[0]
+    assert torch.allclose(v2["backbone.res2"], single, atol=1e-5)
+    with pytest.raises(ValueError, match="odd"):
+        split_views({"x": torch.zeros(3, 2)})
+
+
+def test_stage_selection_and_hybrid(model):
+    names = [s.name for s in stage_taps(model, "hybrid")]
+    assert names == [s.name for s in stage_taps(model)]
+    assert [s.name for s in stage_taps(model, "pixel_decoder", select="*.ms?")] == [f"pixel_decoder.ms{i}" for i in range(3)]
+    assert [s.name for s in stage_taps(model, "backbone")] == [f"backbone.res{i}" for i in range(2, 6)]
+
+
+def test_tap_stride():
+    assert [tap_stride(f"backbone.res{i}") for i in range(2, 6)] == [4, 8, 16, 32]
+    assert [tap_stride(f"pixel_decoder.ms{i}") for i in range(3)] == [32, 16, 8]
+    assert tap_stride("pixel_decoder.mask_features") == 4 and TAP_STRIDES["backbone.res5"] == 32
+    assert [tap_stride(f"attention.layer{i}") for i in range(6)] == [32, 16, 8, 32, 16, 8]
+    with pytest.raises(ValueError, match="backbone.res2"):
+        tap_stride("backbone.res1")
+
+
+def test_wrapped_models_and_unknown_family(model, batch):
+    class Wrapper(nn.Module):  # e.g. a LightningModule holding the model
+        def __init__(self, m):
+            super().__init__()
+            self.model = m
+
+    w = Wrapper(model)
+    assert find_family(w) == ("hf", "model.model")
+    specs = stage_taps(w, select="attention.layer0")
+    assert specs[0].path == "model.model.transformer_module.decoder.layers.0.cross_attn"
+    with Taps(w, specs) as taps:
+        w.model(pixel_values=batch)
+    assert taps.check().meta["attention.layer0"]["hw"] == (4, 4)
+    with pytest.raises(ValueError, match="unknown model family"):
+        stage_taps(nn.Sequential(nn.Conv2d(1, 1, 1)))
+
+    class Two(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.a, self.b = Wrapper(m), Wrapper(build_model("tiny"))  # e.g. teacher and student
+    with pytest.raises(ValueError, match="holds 2"):
+        find_family(Two(model))
+
+
+# ---------------------------------------------------------------------------------------------
+# detectron2 family: a stand-in with the official module paths and calling conventions
+# ---------------------------------------------------------------------------------------------
+
+class ShapeSpec:
+    def __init__(self, stride):
+        self.stride = stride
+
+
+class D2Backbone(nn.Module):
+    "Returns a dict res2..res5 (strides 4, 8, 16, 32), like detectron2's Backbone."
+    def __init__(self, c=16):
+        super().__init__()
+        self.stem = nn.Conv2d(1, c, 4, 4)
+        self.res3, self.res4, self.res5 = (nn.Conv2d(c, c, 3, 2, 1) for _ in range(3))
+
+    def forward(self, x):
+        r2 = self.stem(x)
+        r3 = self.res3(r2)
+        r4 = self.res4(r3)
+        return {"res2": r2, "res3": r3, "res4": r4, "res5": self.res5(r4)}
+
+    def output_shape(self):
+        return {f"res{i}": ShapeSpec(2 ** i) for i in range(2, 6)}
+
+
+class D2PixelDecoder(nn.Module):
+    "Like MSDeformAttnPixelDecoder: no forward(), only forward_features -> (mask_features, enc, multi_scale)."
+    def __init__(self, c=16):
+        super().__init__()
+        self.mask_proj = nn.Conv2d(c, c, 1)
+        self.proj = nn.ModuleList(nn.Conv2d(c, c, 1) for _ in range(3))
+        self.transformer_feature_strides = [8, 16, 32]
+        self.common_stride = 4
+
+    def forward_features(self, f):
+        ms = [p(f[k]) for p, k in zip(self.proj, ["res5", "res4", "res3"])]  # strides 32, 16, 8
+        return self.mask_proj(f["res2"]), ms[0], ms
+
+
+class D2CrossAttentionLayer(nn.Module):
+    "Like CrossAttentionLayer.forward_post: keyword-only MHA call, weights thrown away."
+    def __init__(self, c=16, heads=4):
+        super().__init__()
+        self.multihead_attn = nn.MultiheadAttention(c, heads, dropout=0.0)
+        self.norm = nn.LayerNorm(c)
+
+    def forward(self, tgt, memory, memory_mask=None, pos=None, query_pos=None):
+        tgt2 = self.multihead_attn(query=tgt + query_pos, key=memory + pos, value=memory,
+                                   attn_mask=memory_mask, key_padding_mask=None)[0]
+        return self.norm(tgt + tgt2)
+
+
+class D2Predictor(nn.Module):
+    "Like MultiScaleMaskedTransformerDecoder: called as predictor(multi_scale_features, mask_features, mask)."
+    def __init__(self, c=16, q=6, heads=4, layers=4):
+        super().__init__()
+        self.num_heads, self.num_feature_levels = heads, 3
+        self.query_feat, self.query_embed = nn.Embedding(q, c), nn.Embedding(q, c)
+        self.level_embed = nn.Embedding(3, c)
+        self.transformer_cross_attention_layers = nn.ModuleList(D2CrossAttentionLayer(c, heads) for _ in range(layers))
+        self.mask_embed = nn.Linear(c, c)
+
+    def mask_and_attn(self, out, mask_features, size):
+        masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(out.transpose(0, 1)), mask_features)
+        am = nn.functional.interpolate(masks, size=size, mode="bilinear", align_corners=False)
+        am = (am.sigmoid().flatten(2).unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1) < 0.5).bool()
+        am[torch.where(am.sum(-1) == am.shape[-1])] = False
+        return masks, am.detach()
+
+    def forward(self, x, mask_features, mask=None):
+        assert len(x) == self.num_feature_levels
+        src, pos, size_list = [], [], []
+        for i in range(3):
+            size_list.append(x[i].shape[-2:])
+            pos.append(torch.zeros_like(x[i]).flatten(2).permute(2, 0, 1))
+            src.append((x[i].flatten(2) + self.level_embed.weight[i][None, :, None]).permute(2, 0, 1))
+        B = src[0].shape[1]
+        qpos = self.query_embed.weight.unsqueeze(1).repeat(1, B, 1)
+        out = self.query_feat.weight.unsqueeze(1).repeat(1, B, 1)
+        masks, am = self.mask_and_attn(out, mask_features, size_list[0])
+        for i, layer in enumerate(self.transformer_cross_attention_layers):
+            lvl = i % 3
+            out = layer(out, src[lvl], memory_mask=am, pos=pos[lvl], query_pos=qpos)
+            masks, am = self.mask_and_attn(out, mask_features, size_list[(i + 1) % 3])
+        return {"pred_masks": masks}
+
+
+class D2SemSegHead(nn.Module):
+    def __init__(self, keywords=False):
+        super().__init__()
+        self.pixel_decoder, self.predictor, self.keywords = D2PixelDecoder(), D2Predictor(), keywords
+
+    def forward(self, features, mask=None):
+        mask_features, _, multi_scale_features = self.pixel_decoder.forward_features(features)
+        if self.keywords:
+            return self.predictor(x=multi_scale_features, mask_features=mask_features, mask=mask)
+        return self.predictor(multi_scale_features, mask_features, mask)
+
+
+class MaskFormer(nn.Module):
+    def __init__(self, keywords=False):
+        super().__init__()
+        self.backbone, self.sem_seg_head = D2Backbone(), D2SemSegHead(keywords)
+
+    def forward(self, x):
+        return self.sem_seg_head(self.backbone(x))
+
+
+@pytest.mark.parametrize("keywords", [False, True])
+def test_detectron2_family(keywords):
+    torch.manual_seed(0)
+    d2 = MaskFormer(keywords).eval()
+    assert find_family(d2) == ("detectron2", "")
+    x = torch.randn(4, 1, 64, 96)
+    specs = stage_taps(d2)
+    assert [s.path for s in specs if s.name.startswith("pixel_decoder")] == ["sem_seg_head.predictor"] * 4
+    with Taps(d2, specs) as taps:
+        d2(x)
+    cap, meta = taps.check().captured, taps.meta
+    with torch.no_grad():
+        feats = d2.backbone(x)
+        mf, _, ms = d2.sem_seg_head.pixel_decoder.forward_features(feats)
+    for k in ["res2", "res3", "res4", "res5"]:
+        assert torch.allclose(cap[f"backbone.{k}"], feats[k])
+    assert torch.allclose(cap["pixel_decoder.mask_features"], mf)
+    for i in range(3):
+        assert torch.allclose(cap[f"pixel_decoder.ms{i}"], ms[i])
+    assert [meta[f"pixel_decoder.ms{i}"]["stride"] for i in range(3)] == [32, 16, 8]
+    assert meta["backbone.res3"]["stride"] == 8 and meta["pixel_decoder.mask_features"]["stride"] == 4
+    grids = {0: (2, 3), 1: (4, 6), 2: (8, 12)}
+    for i in range(4):
+        a = cap[f"attention.layer{i}"]
+        h, w = grids[i % 3]
+        assert meta[f"attention.layer{i}"]["hw"] == (h, w) and a.shape == (4, 6, h * w)
+        assert torch.allclose(a.sum(-1), torch.ones(4, 6), atol=1e-5)
+    assert tap_stride("attention.layer3", d2) == 32
+
+
+def test_detectron2_keyword_only_attention_per_head_and_grad():
+    torch.manual_seed(0)
+    d2 = MaskFormer()
+    mha = d2.sem_seg_head.predictor.transformer_cross_attention_layers[1].multihead_attn
+    seen = {}
+
+    def grab(mod, args, kwargs):
+        seen["args"], seen["kw"] = args, dict(kwargs)
+
+    h = mha.register_forward_pre_hook(grab, with_kwargs=True)
+    x = torch.randn(2, 1, 64, 64)
+    try:
+        with Taps(d2, stage_taps(d2, "attention"), per_head=True) as taps:
+            d2(x)
+    finally:
+        h.remove()
+    assert seen["args"] == ()                                  # keyword-only call
+    a = taps.check().captured["attention.layer1"]
+    assert a.shape == (2, 4, 6, 4 * 4)                         # [B, heads, Q, h*w], level 1 = stride 16
+    with torch.no_grad():
+        ref = _reference_attention(mha, seen["kw"])
+    assert torch.allclose(a, ref, atol=1e-5)
+    a.sum().backward()                                         # the weights the layer discarded carry grad
+    assert d2.backbone.stem.weight.grad.abs().sum() > 0
+    assert hook_count(d2) == 0
+
+
+def test_detectron2_pixel_decoder_hook_never_fires():
+    d2 = MaskFormer()
+    with Taps(d2, ["sem_seg_head.pixel_decoder"]) as taps:
+        d2(torch.randn(2, 1, 64, 64))
+    with pytest.raises(RuntimeError, match="sem_seg_head.pixel_decoder"):
+        taps.check()
+
+
+def test_detectron2_wrapped_in_ddp_like_container():
+    class DDPLike(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.module = m
+    w = DDPLike(MaskFormer())
+    assert find_family(w) == ("detectron2", "module")
+    specs = stage_taps(w, select=["backbone.res5", "attention.layer0"])
+    assert [s.path for s in specs] == ["module.backbone",
+                                       "module.sem_seg_head.predictor.transformer_cross_attention_layers.0.multihead_attn"]
+    with Taps(w, specs) as taps:
+        w.module(torch.randn(2, 1, 64, 64))
+    assert taps.check().meta["attention.layer0"]["hw"] == (2, 2)

@@ -1,0 +1,416 @@
+"""Geometry of views: rotations, valid masks, rotate-then-crop, warp-back, attention alignment, matching.
+
+References are independent of the module's grid code: torch.rot90, hand-made small tensors, analytic
+fields evaluated with numpy at hand-rotated pixel-centre coordinates, and closed-form areas.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mars_nb.views import (IGNORE, align_attention, crop_extent, footprint_radius, match_queries, rotate,
+                           rotate_labels, rotated_crop, valid_mask, warp_back)
+
+STRIDES = (4, 8, 16, 32)
+
+
+# ---------------------------------------------------------------- rotate / rotate_labels
+def test_rotate_ccw_by_hand():
+    x = torch.tensor([[1., 2.], [3., 4.]])
+    # CCW as displayed: the top-right value moves to the top-left
+    assert torch.equal(rotate(x, 90), torch.tensor([[2., 4.], [1., 3.]]))
+    y = torch.arange(9.).reshape(3, 3)
+    assert torch.equal(rotate(y, 90), torch.tensor([[2., 5., 8.], [1., 4., 7.], [0., 3., 6.]]))
+    assert torch.equal(rotate(y, -90), torch.tensor([[6., 3., 0.], [7., 4., 1.], [8., 5., 2.]]))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_rotate_quarter_turns_exact(k):
+    x = torch.randn(2, 3, 17, 17)
+    assert torch.equal(rotate(x, 90 * k), torch.rot90(x, k, dims=(-2, -1)))
+    assert torch.equal(rotate(x, 90 * k - 360), torch.rot90(x, k, dims=(-2, -1)))
+    lab = torch.randint(0, 5, (2, 16, 16))
+    out = rotate_labels(lab, 90 * k)
+    assert out.dtype == lab.dtype and torch.equal(out, torch.rot90(lab, k, dims=(-2, -1)))
+
+
+def test_rotate_zero_is_copy_and_180_nonsquare_exact():
+    x = torch.randn(1, 6, 10)
+    out = rotate(x, 0)
+    assert torch.equal(out, x) and out.data_ptr() != x.data_ptr()
+    assert torch.equal(rotate(x, 180), torch.rot90(x, 2, dims=(-2, -1)))
+
+
+def test_rotate_general_angle_matches_analytic_field():
+    # bilinear rotation of a smooth field at image resolution vs the field evaluated at hand-rotated coords
+    H, W, th = 40, 64, 23.0
+    f = lambda X, Y: np.sin(X / 7.0 + 0.3) * np.cos(Y / 9.0)
+    Y, X = np.meshgrid(np.arange(H) + 0.5, np.arange(W) + 0.5, indexing="ij")
+    img = torch.tensor(f(X, Y))
+    c, s = math.cos(math.radians(th)), math.sin(math.radians(th))
+    x, y = X - W / 2, Y - H / 2
+    ref = f(W / 2 + x * c - y * s, H / 2 + x * s + y * c)
+    out = rotate(img, th).numpy()
+    v = valid_mask((H, W), th, margin=1).numpy()
+    # bilinear error bound (h=1 px): (1/8)(|kx|+|ky|)^2 with k = (1/7, 1/9)
+    assert np.abs(out - ref)[v].max() <= (1 / 7 + 1 / 9) ** 2 / 8 + 1e-9
+
+
+def test_rotate_labels_45_corners_ignored_centre_kept():
+    lab = torch.ones(31, 31, dtype=torch.long)
+    lab[15, 15] = 3
+    out = rotate_labels(lab, 45)
+    for r, c in [(0, 0), (0, -1), (-1, 0), (-1, -1)]:
+        assert out[r, c] == IGNORE
+    assert out[15, 15] == 3
+    assert set(out.unique().tolist()) == {1, 3, IGNORE}
+    # the ignored pixels are exactly the invalid ones
+    assert torch.equal(out == IGNORE, ~valid_mask((31, 31), 45))
+    assert (rotate_labels(lab, 45, ignore_index=-1) == -1).sum() == (out == IGNORE).sum()
+
+
+def test_rotate_nonsquare_90_fills():
+    x = torch.ones(1, 20, 40)
+    out = rotate(x, 90, fill=-1.0)
+    assert out.shape == x.shape
+    v = valid_mask((20, 40), 90)
+    assert (out[0][v] == 1).all() and (out[0][~v] == -1).all()
+    # 20x40 rotated by 90 about the centre: the valid band is the central 20 columns
+    assert v.sum() == 20 * 20 and v[:, 10:30].all()
+
+
+# ---------------------------------------------------------------- valid_mask
+def test_valid_mask_area_45():
+    frac = valid_mask((512, 512), 45).float().mean().item()
+    assert abs(frac - 2 * (math.sqrt(2) - 1)) < 0.005
+
+
+@pytest.mark.parametrize("th", [10.0, 30.0, 60.0, 123.0])
+def test_valid_mask_area_general(th):
+    # overlap area of a square and its rotated copy: 1 - t * (something) -> compare with a polygon clip in numpy
+    N = 400
+    frac = valid_mask((N, N), th).float().mean().item()
+    ref = _square_overlap(th)
+    assert abs(frac - ref) < 0.005
+
+
+def _square_overlap(th):
+    # area of unit square ∩ rotated unit square (centred), by Sutherland–Hodgman clipping
+    sq = np.array([[-.5, -.5], [.5, -.5], [.5, .5], [-.5, .5]])
+    c, s = math.cos(math.radians(th)), math.sin(math.radians(th))
+    poly = [tuple(p) for p in sq @ np.array([[c, s], [-s, c]])]
+    for a, b in zip(sq, np.roll(sq, -1, 0)):
+        inside = lambda p: (b[0] - a[0]) * (p[1] - a[1]) - (b[1] - a[1]) * (p[0] - a[0]) >= 0
+        out = []
+        for i, p in enumerate(poly):
+            q = poly[i - 1]
+            if inside(p):
+                if not inside(q):
+                    out.append(_intersect(q, p, a, b))
+                out.append(p)
+            elif inside(q):
+                out.append(_intersect(q, p, a, b))
+        poly = out
+    P = np.array(poly)
+    return 0.5 * abs(np.dot(P[:, 0], np.roll(P[:, 1], 1)) - np.dot(P[:, 1], np.roll(P[:, 0], 1)))
+
+
+def _intersect(p, q, a, b):
+    p, q, a, b = map(np.asarray, (p, q, a, b))
+    d1, d2 = q - p, b - a
+    t = ((a[0] - p[0]) * d2[1] - (a[1] - p[1]) * d2[0]) / (d1[0] * d2[1] - d1[1] * d2[0])
+    return tuple(p + t * d1)
+
+
+def test_valid_mask_margin_erodes():
+    assert valid_mask((64, 64), 0).all()
+    m2 = valid_mask((64, 64), 0, margin=2)
+    assert m2.sum() == 60 * 60 and m2[2:62, 2:62].all()
+    v0, v3 = valid_mask((64, 64), 30), valid_mask((64, 64), 30, margin=3)
+    assert (v3 <= v0).all() and v3.sum() < v0.sum()
+    # Euclidean erosion: every kept pixel is >= 3 px from every dropped pixel of v0's complement boundary
+    kept = torch.nonzero(v3).float() + 0.5
+    gone = torch.nonzero(~v0).float() + 0.5
+    assert torch.cdist(kept, gone).min() > 3 - 1e-6
+
+
+def test_valid_mask_nonsquare_is_rotated_canvas():
+    # valid_mask(size, a) = C ∩ R_a C: at -a it is the mirror image (left-right) of the one at a
+    v, vm = valid_mask((48, 80), 20), valid_mask((48, 80), -20)
+    assert torch.equal(v, torch.flip(vm, dims=(-1,)))
+    assert valid_mask((48, 80), 180).all()
+
+
+# ---------------------------------------------------------------- rotated_crop
+def test_rotated_crop_zero_is_slicing_and_quarters_exact():
+    src = torch.randn(3, 150, 170)
+    r0, c0, h = 40, 55, 48
+    up = src[:, r0:r0 + h, c0:c0 + h]
+    centre = (r0 + h / 2, c0 + h / 2)
+    assert torch.equal(rotated_crop(src, centre, (h, h), 0), up)
+    for k in (1, 2, 3):
+        assert torch.equal(rotated_crop(src, centre, (h, h), 90 * k), torch.rot90(up, k, dims=(-2, -1)))
+    # odd size: centre on a half pixel
+    up = src[:, 10:25, 20:35]
+    assert torch.equal(rotated_crop(src, (17.5, 27.5), (15, 15), 270), torch.rot90(up, 3, dims=(-2, -1)))
+    # labels (2-d, integer)
+    lab = torch.randint(0, 4, (150, 170))
+    assert torch.equal(rotated_crop(lab, centre, (h, h), 90, mode="nearest"),
+                       torch.rot90(lab[r0:r0 + h, c0:c0 + h], 1))
+
+
+def test_rotated_crop_general_angle_no_fill_and_analytic():
+    H, W = 220, 260
+    f = lambda X, Y: np.sin(X / 8.0) + np.cos(Y / 11.0 + 0.5)
+    Yg, Xg = np.meshgrid(np.arange(H) + 0.5, np.arange(W) + 0.5, indexing="ij")
+    src = torch.tensor(f(Xg, Yg), dtype=torch.float32)
+    cy, cx, h, w, th = 110.0, 131.0, 64, 96, 57.0
+    assert min(cy, H - cy, cx, W - cx) >= footprint_radius((h, w))
+    out = rotated_crop(src, (cy, cx), (h, w), th, fill=float("nan")).numpy()
+    assert not np.isnan(out).any()
+    c, s = math.cos(math.radians(th)), math.sin(math.radians(th))
+    y, x = np.meshgrid(np.arange(h) + 0.5 - h / 2, np.arange(w) + 0.5 - w / 2, indexing="ij")
+    ref = f(cx + x * c - y * s, cy + x * s + y * c)
+    assert np.abs(out - ref).max() <= (1 / 8 + 1 / 11) ** 2 / 8 + 1e-5
+    lab = rotated_crop((src > 0).long(), (cy, cx), (h, w), th, mode="nearest")
+    assert lab.dtype == torch.long and not (lab == IGNORE).any()
+
+
+def test_rotated_crop_outside_source_gets_fill():
+    src = torch.ones(100, 100)
+    out = rotated_crop(src, (10.0, 10.0), (40, 40), 30, fill=-5.0)
+    assert (out == -5).any() and (out == 1).any()
+    lab = rotated_crop(torch.zeros(100, 100, dtype=torch.long), (10.0, 10.0), (40, 40), 30, mode="nearest")
+    assert (lab == IGNORE).any()
+    assert (rotated_crop(src, (500.0, 500.0), (8, 8), 10, fill=2.0) == 2).all()
+
+
+def test_footprint_radius():
+    assert footprint_radius((128, 128)) == pytest.approx(64 * math.sqrt(2))
+    assert footprint_radius((30, 40)) == pytest.approx(25.0)
+
+
+# ---------------------------------------------------------------- warp_back
+@pytest.mark.parametrize("stride", STRIDES)
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_warp_back_quarter_turns_exact(stride, k):
+    n = 128 // stride
+    f = torch.randn(2, 3, n, n)
+    al, v = warp_back(torch.rot90(f, k, dims=(-2, -1)), 90 * k, (128, 128), stride)
+    assert torch.equal(al, f) and v.all() and v.shape == (n, n)
+
+
+def _field(X, Y):
+    # low-frequency sinusoids in physical pixel units
+    return np.sin(2 * np.pi * X / 300 + 0.4) * np.cos(2 * np.pi * Y / 260 - 0.2) + 0.5 * np.sin(2 * np.pi * (X - Y) / 350)
+
+
+_K = [(2 * np.pi / 300, 2 * np.pi / 260, 1.0), (2 * np.pi / 350, 2 * np.pi / 350, 0.5)]
+
+
+def _bilinear_bound(cell):
+    # |bilinear interpolation error| <= cell^2/8 * sum_n a_n (|kx_n| + |ky_n|)^2
+    return cell ** 2 / 8 * sum(a * (kx + ky) ** 2 for kx, ky, a in _K)
+
+
+def _view_maps(H, W, stride, th, n_cells=None):
+    """View-1 and view-2 maps of the analytic field on the stride grid, view 2 rotated by hand in numpy."""
+    h, w = n_cells or (math.ceil(H / stride), math.ceil(W / stride))
+    Y, X = np.meshgrid((np.arange(h) + 0.5) * stride, (np.arange(w) + 0.5) * stride, indexing="ij")
+    f1 = _field(X, Y)
+    c, s = math.cos(math.radians(th)), math.sin(math.radians(th))
+    x, y = X - W / 2, Y - H / 2
+    f2 = _field(W / 2 + x * c - y * s, H / 2 + x * s + y * c)  # view 2 = content rotated CCW by th
+    return torch.tensor(f1)[None, None], torch.tensor(f2)[None, None]
+
+
+@pytest.mark.parametrize("size", [(128, 128), (96, 160)])
+@pytest.mark.parametrize("stride", STRIDES)
+@pytest.mark.parametrize("th", [15.0, 37.0, 60.0, 123.0])
+def test_warp_back_arbitrary_angle_recovers_field(size, stride, th):
+    H, W = size
+    f1, f2 = _view_maps(H, W, stride, th)
+    al, v = warp_back(f2, th, size, stride, margin=0.5)  # half a cell in: all 4 bilinear neighbours are real
+    assert v.any() and al.shape == f1.shape
+    err = (al - f1)[0, 0][v].abs().max().item()
+    assert err <= _bilinear_bound(stride) + 1e-9, (err, _bilinear_bound(stride))
+    assert (al[0, 0][~v] == 0).all()
+
+
+def test_warp_back_against_image_resolution_rotation():
+    # rotate the field at image resolution with `rotate`, pool to stride 8, warp back: close to the pooled upright
+    H, W, s, th = 96, 160, 8, 37.0
+    Y, X = np.meshgrid(np.arange(H) + 0.5, np.arange(W) + 0.5, indexing="ij")
+    img = torch.tensor(_field(X, Y))[None, None]
+    v1 = F.avg_pool2d(img, s)
+    v2 = F.avg_pool2d(rotate(img, th), s)
+    al, v = warp_back(v2, th, (H, W), s, margin=1.5)
+    assert (al - v1)[0, 0][v].abs().max() < 2 * _bilinear_bound(s)
+
+
+def test_warp_back_padding_only_unpadded_extent():
+    H = W = 100
+    for stride in STRIDES:
+        hp = 128 // stride
+        hv = math.ceil(H / stride)
+        f1, f2 = _view_maps(H, W, stride, 30.0)  # analytic maps on the unpadded extent
+        t = torch.full((1, 1, hp, hp), 1e6, dtype=f2.dtype)  # padding: garbage that must never leak
+        t[..., :hv, :hv] = f2
+        al, v = warp_back(t, 30.0, (H, W), stride, margin=0.5)
+        assert al.shape == (1, 1, hv, hv) and v.shape == (hv, hv)
+        assert al.abs().max() < 10
+        assert (al - f1)[0, 0][v].abs().max() <= _bilinear_bound(stride) + 1e-9
+        # also at margin 0 nothing of the padding gets in
+        assert warp_back(t, 30.0, (H, W), stride)[0].abs().max() < 10
+    # at 0 degrees warp_back is the crop of the extent
+    t = torch.randn(2, 4, 8, 8)
+    al, v = warp_back(t, 0, (100, 100), 16)
+    assert torch.equal(al, t[..., :7, :7]) and v.all()
+    assert torch.equal(crop_extent(t, (100, 100), 16), t[..., :7, :7])
+
+
+def test_warp_back_nondivisible_quarter_turn_uses_physical_centre():
+    # 100x100 at stride 4 is 25 cells (divisible): exact. At stride 8 (12.5 -> 13 cells) the physical
+    # centre is 6.25 cells, not the grid centre: the rotation must follow the analytic field, not rot90.
+    f1, f2 = _view_maps(100, 100, 8, 90.0)
+    al, v = warp_back(f2, 90.0, (100, 100), 8, margin=0.5)
+    assert (al - f1)[0, 0][v].abs().max() <= _bilinear_bound(8) + 1e-9
+    assert not v.all()
+
+
+def test_warp_back_is_differentiable():
+    t = torch.randn(1, 2, 16, 16, requires_grad=True)
+    al, v = warp_back(t, 33, (64, 64), 4)
+    al.sum().backward()
+    assert t.grad is not None and t.grad.abs().sum() > 0
+    t2 = torch.randn(1, 2, 16, 16, requires_grad=True)
+    warp_back(t2, 90, (64, 64), 4)[0].pow(2).sum().backward()
+    assert torch.allclose(t2.grad, 2 * t2.detach())
+
+
+def test_warp_back_margin():
+    _, v0 = warp_back(torch.zeros(1, 1, 16, 16), 45, (128, 128), 8)
+    _, v1 = warp_back(torch.zeros(1, 1, 16, 16), 45, (128, 128), 8, margin=1)
+    assert (v1 <= v0).all() and v1.sum() < v0.sum()
+    _, vq = warp_back(torch.zeros(1, 1, 16, 16), 90, (128, 128), 8, margin=1)
+    assert vq.sum() == 14 * 14
+
+
+def test_grid_cache_is_bounded_and_hit():
+    from mars_nb import views
+    views._grid.cache_clear()
+    for _ in range(3):
+        warp_back(torch.zeros(1, 1, 8, 8), 17, (64, 64), 8)
+    info = views._grid.cache_info()
+    assert info.hits >= 2 and info.maxsize is not None
+
+
+# ---------------------------------------------------------------- align_attention
+def test_align_attention_rows_and_zero_outside():
+    B, Q, h, w = 2, 6, 4, 5  # stride-32 level of a 100x150 image padded to 128x160 -> extent 4x5
+    a1 = torch.softmax(torch.randn(B, Q, h * w), -1)
+    a2 = torch.softmax(torch.randn(B, Q, h * w), -1)
+    p1, p2, v = align_attention(a1, a2, (h, w), 30, (100, 150), 32)
+    assert p1.shape == p2.shape == (B, Q, 4, 5) and v.shape == (4, 5) and not v.all()
+    for p in (p1, p2):
+        assert torch.allclose(p.sum((-2, -1)), torch.ones(B, Q), atol=1e-6)
+        assert (p[..., ~v] == 0).all() and (p >= 0).all()
+    # view 1 rows are the valid part of a1 renormalized
+    g1 = a1.reshape(B, Q, h, w) * v
+    assert torch.allclose(p1, g1 / g1.sum((-2, -1), keepdim=True), atol=1e-6)
+
+
+def test_align_attention_per_head_and_identity():
+    B, H_, Q, h, w = 1, 4, 3, 8, 8
+    a = torch.softmax(torch.randn(B, H_, Q, h * w), -1)
+    p1, p2, v = align_attention(a, torch.rot90(a.reshape(B, H_, Q, h, w), 1, dims=(-2, -1)).reshape(B, H_, Q, -1),
+                                (h, w), 90, (128, 128), 16)
+    assert p1.shape == (B, H_, Q, h, w) and v.all()
+    assert torch.allclose(p1, p2, atol=1e-7) and torch.allclose(p1.sum((-2, -1)), torch.ones(B, H_, Q))
+
+
+def test_align_attention_eps_safe():
+    B, Q, h, w = 1, 2, 8, 8
+    a = torch.zeros(B, Q, h * w)
+    a[0, 0, 0] = 1.0  # all mass in a corner that is invalid at 45 degrees
+    a[0, 1] = 1.0 / (h * w)
+    p1, p2, v = align_attention(a, a, (h, w), 45, (64, 64), 8)
+    assert not v[0, 0]
+    assert torch.isfinite(p1).all() and torch.allclose(p1.sum((-2, -1)), torch.ones(B, Q))
+    assert torch.allclose(p1[0, 0][v], torch.full((int(v.sum()),), 1 / v.sum().item()))
+
+
+def test_align_attention_gradient():
+    a2 = torch.softmax(torch.randn(1, 3, 16), -1).requires_grad_()
+    p1, p2, v = align_attention(torch.softmax(torch.randn(1, 3, 16), -1), a2, (4, 4), 20, (128, 128), 32)
+    (p2 ** 2).sum().backward()
+    assert a2.grad is not None and torch.isfinite(a2.grad).all()
+
+
+# ---------------------------------------------------------------- match_queries
+def test_match_queries_recovers_permutation():
+    g = torch.Generator().manual_seed(3)
+    B, Q, n = 3, 8, 40
+    yy, xx = torch.meshgrid(torch.arange(n) + 0.5, torch.arange(n) + 0.5, indexing="ij")
+    m1 = torch.zeros(B, Q, n, n)
+    for b in range(B):
+        cen = 6 + (n - 12) * torch.rand(Q, 2, generator=g)
+        for q in range(Q):
+            m1[b, q] = 6 - ((yy - cen[q, 0]) ** 2 + (xx - cen[q, 1]) ** 2).sqrt()  # logits of discs
+    perms = torch.stack([torch.randperm(Q, generator=g) for _ in range(B)])
+    m2 = m1[torch.arange(B)[:, None], perms]  # view 2 query j holds view 1's query perms[b, j]
+    perm = match_queries(m1, m2, torch.ones(n, n, dtype=torch.bool))
+    assert perm.dtype == torch.long and perm.shape == (B, Q)
+    # view 2 query perm[b, i] corresponds to view 1 query i
+    assert torch.equal(torch.gather(perms, 1, perm), torch.arange(Q).expand(B, Q))
+    # probabilities work too; and through a rotation + warp back
+    assert torch.equal(match_queries(m1.sigmoid(), m2.sigmoid(), torch.ones(n, n, dtype=torch.bool)), perm)
+    m2w, v = warp_back(rotate(m2, 25), 25, (n, n), 1)
+    assert torch.equal(match_queries(m1, m2w, v, logits=True), perm)
+
+
+# ---------------------------------------------------------------- bad inputs
+@pytest.mark.parametrize("call, match", [
+    (lambda: rotate(torch.zeros(5), 10), "at least 2 dims"),
+    (lambda: rotate(torch.zeros(4, 4), 10, mode="cubic"), "mode must be one of"),
+    (lambda: rotate(torch.zeros(4, 4), float("nan")), "finite"),
+    (lambda: rotate(torch.zeros(4, 4), "90"), "real number"),
+    (lambda: rotate(torch.zeros(4, 4, dtype=torch.long), 10), "floating"),
+    (lambda: rotate_labels(torch.zeros(4, 4), 10), "integer dtype"),
+    (lambda: valid_mask((0, 4), 10), "positive integers"),
+    (lambda: valid_mask((4, 4), 10, margin=-1), "margin"),
+    (lambda: rotated_crop(torch.zeros(8, 8), (4, 4), (2, -2), 10), "positive integers"),
+    (lambda: rotated_crop(torch.zeros(8, 8), (4, None), (2, 2), 10), "center"),
+    (lambda: footprint_radius((3,)), "positive integers"),
+    (lambda: warp_back(torch.zeros(1, 4, 4), 10, (16, 16), 4), "4-d"),
+    (lambda: warp_back(torch.zeros(1, 1, 4, 4), 10, (16, 16), 0), "stride must be a positive integer"),
+    (lambda: warp_back(torch.zeros(1, 1, 4, 4), 10, (20, 16), 4), "needs at least"),
+    (lambda: warp_back(torch.zeros(1, 1, 4, 4), 10, (16, -1), 4), "image_size"),
+    (lambda: crop_extent(torch.zeros(3, 3), (16, 16), 4), "needs at least"),
+    (lambda: align_attention(torch.zeros(1, 2, 16), torch.zeros(1, 2, 16), (4, 5), 10, (16, 16), 4), "h\\*w"),
+    (lambda: align_attention(torch.zeros(1, 2, 16), torch.zeros(1, 3, 16), (4, 4), 10, (16, 16), 4), "same shape"),
+    (lambda: align_attention(torch.zeros(2, 16), torch.zeros(2, 16), (4, 4), 10, (16, 16), 4), "a1 must be"),
+    (lambda: match_queries(torch.zeros(1, 2, 4, 4), torch.zeros(1, 3, 4, 4), torch.ones(4, 4, dtype=torch.bool)), "same shape"),
+    (lambda: match_queries(torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 4, 4), torch.ones(5, 5, dtype=torch.bool)), "valid"),
+])
+def test_bad_inputs_raise_helpful_errors(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_align_attention_empty_valid_gives_zeros():
+    a = torch.softmax(torch.randn(1, 2, 16), -1)
+    p1, p2, v = align_attention(a, a, (4, 4), 45, (128, 128), 32, margin=2)
+    assert not v.any() and (p1 == 0).all() and (p2 == 0).all()
+
+
+def test_half_precision_inputs_keep_dtype_and_accuracy():
+    f1, f2 = _view_maps(128, 128, 8, 37.0)
+    ref, v = warp_back(f2.float(), 37.0, (128, 128), 8)
+    for dt in (torch.float16, torch.bfloat16):
+        al, v2 = warp_back(f2.to(dt), 37.0, (128, 128), 8)
+        assert al.dtype == dt and torch.equal(v, v2)
+        assert (al.float() - ref).abs().max() < 0.02
+    assert rotate(torch.randn(2, 8, 8, dtype=torch.bfloat16), 20).dtype == torch.bfloat16
