@@ -4,6 +4,7 @@ Modules:
 
 - `mars_nb.ablate`: A YAML grid of configurations × datasets × seeds, each run executed through papermill into its own folder; finished runs are skipped, interrupted ones resume, a failing run is recorded and the rest go on.
 - `mars_nb.evaluate`: Test tiles from the held-out region at every angle, predictions, and how much of the upright accuracy survives rotation.
+- `mars_nb.losses`: How far apart are two views once they are aligned? Feature distances, attention distances, the MARs paper's pooled formulation, and `MarsLoss`, which weighs them per stage.
 - `mars_nb.model`: A Hugging Face `Mask2FormerForUniversalSegmentation`, built from a config (nothing is downloaded), in three sizes: `tiny` for CPU experiments, `r50` for the paper's architecture, and `pretrained` for users who have a checkpoint.
 - `mars_nb.taps`: Forward hooks that pick backbone maps, pixel-decoder maps and masked cross-attention weights out of one forward pass — for the Hugging Face Mask2Former and the official detectron2 one — under one naming, with their strides and grids.
 - `mars_nb.train`: Configs that round-trip to YAML, a resumable stream of view pairs, and one Lightning module for the three training modes: `none`, `rotaug` and `mars`.

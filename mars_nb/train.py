@@ -278,6 +278,11 @@ class MarsModule(L.LightningModule):
     def forward(self, images: torch.Tensor):
         return self.model(pixel_values=images)
 
+    def on_train_batch_start(self, batch, batch_idx):
+        # Mask2Former's loss samples points at random: seed every step from (seed, step, rank) so a resumed
+        # run draws exactly what an uninterrupted one would have drawn.
+        torch.manual_seed(hash((self.cfg.train.seed, self.global_step, self.global_rank)) % 2**63)
+
     def _views(self, batch: dict):
         if self.cfg.train.mode == "none": return batch["image1"], batch["label1"]
         return torch.cat([batch["image1"], batch["image2"]]), torch.cat([batch["label1"], batch["label2"]])
@@ -291,7 +296,8 @@ class MarsModule(L.LightningModule):
         else:
             with self.mars.taps(self.model) as taps:
                 out = self.model(pixel_values=images, mask_labels=masks, class_labels=classes)
-            terms = self.mars(taps, angle=batch["angle"], image_size=tuple(images.shape[-2:]))
+            meta = {"mask_logits": out.masks_queries_logits} if self.mars.matching == "hungarian" else None
+            terms = self.mars(taps, angle=batch["angle"], image_size=tuple(images.shape[-2:]), meta=meta)
         loss = out.loss
         if "mars/total" in terms: loss = loss + terms["mars/total"]
         check_finite({"supervised": out.loss, **terms, "total": loss}, self.global_step)
@@ -344,10 +350,12 @@ def make_trainer(cfg: RunConfig, out_dir: str | Path, progress: bool = True, **o
     acc, precision = resolve_device(t.device, t.precision)
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0,
                            every_n_train_steps=t.ckpt_every, enable_version_counter=False)
-    loggers = [CSVLogger(out, name="logs", version="")]
+    # one log folder per attempt, so a resumed run never overwrites what the interrupted one logged
+    attempt = f"attempt{len(list((out / 'logs').glob('attempt*')))}"
+    loggers = [CSVLogger(out, name="logs", version=attempt)]
     try:
         import tensorboard  # noqa: F401, PLC0415
-        loggers.append(TensorBoardLogger(out, name="tensorboard", version="", default_hp_metric=False))
+        loggers.append(TensorBoardLogger(out, name="tensorboard", version=attempt, default_hp_metric=False))
     except ImportError: pass
     kw = dict(accelerator=acc, devices=t.devices, precision=precision, max_steps=t.steps, max_epochs=1,
               logger=loggers, callbacks=[ckpt], log_every_n_steps=t.log_every, enable_progress_bar=progress,
@@ -386,10 +394,13 @@ def load_trained(run_dir: str | Path, map_location: str = "cpu"):
 
 
 def read_log(run_dir: str | Path):
-    "The CSV training log of a run as a DataFrame (one row per logged step)."
+    """The CSV training log of a run as a DataFrame, one row per logged step, over all attempts of the run
+    (a step logged again after a resume keeps its latest value); empty before the first log."""
     import pandas as pd  # noqa: PLC0415
-    df = pd.read_csv(Path(run_dir) / "logs" / "metrics.csv")
-    return df.groupby("step").first().reset_index()
+    paths = sorted((Path(run_dir) / "logs").glob("attempt*/metrics.csv"), key=lambda p: int(p.parent.name[7:]))
+    if not paths: return pd.DataFrame(columns=["step", "train/loss"])
+    df = pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
+    return df.groupby("step").last().reset_index()
 
 # %% ../nbs/05_train.ipynb #c027
 RUN_PARAMS = ("name", "dataset", "root", "mode", "preset", "pretrained", "overrides", "steps", "crop", "batch_size",

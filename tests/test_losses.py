@@ -512,3 +512,29 @@ def test_each_stage_trains_the_part_it_taps(tiny, stage, reached, untouched):
         assert gnorm(part) > 0, part
     for part in untouched:
         assert gnorm(part) == 0, part
+
+
+def test_taps_without_valid_pixels_are_left_out_of_the_stage_mean():
+    torch.manual_seed(0)
+    v1 = {"backbone.res4": torch.randn(1, 4, 4, 4), "backbone.res5": torch.randn(1, 4, 2, 2)}
+    v2 = {k: torch.randn_like(v) for k, v in v1.items()}
+    loss = MarsLoss({"backbone": {"taps": "all"}}, margin=1)
+    out = loss(v1, v2, angle=30, image_size=(64, 64), per_tap=True)  # res5: 2x2 grid, eroded to nothing
+    assert out["mars/backbone.res5"].item() == 0.0 and out["mars/backbone.res4"].item() > 0
+    assert out["mars/backbone"].item() == pytest.approx(out["mars/backbone.res4"].item())
+
+
+def test_half_precision_inputs_and_autocast():
+    torch.manual_seed(0)
+    v1 = {"backbone.res5": torch.randn(2, 4, 4, 4), "attention.layer0": torch.softmax(torch.randn(2, 3, 16), -1)}
+    v2 = {k: v.flip(-1) for k, v in v1.items()}
+    loss = MarsLoss({"backbone": {"taps": "all"}, "attention": {}})
+    ref = loss(v1, v2, angle=30, image_size=(128, 128))
+    half = loss({k: v.bfloat16() for k, v in v1.items()}, {k: v.bfloat16() for k, v in v2.items()},
+                angle=30, image_size=(128, 128))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = loss(v1, v2, angle=30, image_size=(128, 128))
+    for k in ref:
+        assert half[k].dtype == torch.float32 and auto[k].dtype == torch.float32
+        assert auto[k].item() == pytest.approx(ref[k].item(), rel=1e-6)
+        assert half[k].item() == pytest.approx(ref[k].item(), rel=5e-2, abs=1e-3)
