@@ -3,6 +3,7 @@
 Modules:
 
 - `mars_nb.ablate`: A YAML grid of configurations × datasets × seeds, each run executed through papermill into its own folder; finished runs are skipped, interrupted ones resume, a failing run is recorded and the rest go on.
+- `mars_nb.d2`: The official (detectron2) Mask2Former trained with MARS: config keys, a meta-architecture that puts two views in one batch, a trainer that follows Mask2Former's own conventions, the crater and nuclei datasets in detectron2's catalogs, and a CPU fallback for the deformable-attention op.
 - `mars_nb.evaluate`: Test tiles from the held-out region at every angle, predictions, and how much of the upright accuracy survives rotation.
 - `mars_nb.losses`: How far apart are two views once they are aligned? Feature distances, attention distances, the MARs paper's pooled formulation, and `MarsLoss`, which weighs them per stage.
 - `mars_nb.model`: A Hugging Face `Mask2FormerForUniversalSegmentation`, built from a config (nothing is downloaded), in three sizes: `tiny` for CPU experiments, `r50` for the paper's architecture, and `pretrained` for users who have a checkpoint.

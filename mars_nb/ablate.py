@@ -41,14 +41,17 @@ class GridError(ValueError):
     "A grid file that cannot be expanded; the message names the file and line."
 
 
-def _key_lines(node, prefix=()) -> dict:
-    "Line (1-based) of every mapping key in a composed YAML node, keyed by its path tuple."
+def _key_lines(node, prefix=(), source="grid") -> dict:
+    """Line (1-based) of every mapping key in a composed YAML node, keyed by its path tuple. A key given
+    twice in one mapping is an error (plain YAML loading would silently keep the last one)."""
     lines = {}
     if isinstance(node, yaml.MappingNode):
         for k, v in node.value:
             path = prefix + (k.value,)
+            if path in lines:
+                raise GridError(f"{source}:{k.start_mark.line + 1}: duplicate key {k.value!r} (first at line {lines[path]})")
             lines[path] = k.start_mark.line + 1
-            lines.update(_key_lines(v, path))
+            lines.update(_key_lines(v, path, source))
     return lines
 
 
@@ -69,7 +72,7 @@ def load_grid(path: str | Path, out: str | Path | None = None, **overrides) -> l
     path = Path(path)
     try: text = path.read_text()
     except OSError as e: raise GridError(f"cannot read grid file {path}: {e.strerror}") from None
-    try: data, lines = yaml.safe_load(text), _key_lines(yaml.compose(text))
+    try: data, lines = yaml.safe_load(text), _key_lines(yaml.compose(text), source=str(path))
     except yaml.YAMLError as e: raise GridError(f"{path} is not valid YAML: {e}") from None
     where = lambda *keys: f"{path}:{lines.get(tuple(keys), 1)}"
     if not isinstance(data, dict): raise GridError(f"{path}:1: a grid is a mapping with keys {list(GRID_KEYS)}")

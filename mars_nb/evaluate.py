@@ -22,7 +22,7 @@ from .views import IGNORE, rotate_labels
 
 # %% auto #0
 __all__ = ['with_ignore', 'iou_metric', 'class_iou', 'foreground_iou', 'predict_tiles', 'sweep', 'summarize', 'write_sweep',
-           'plot_sweep']
+           'plot_sweep', 'aligned_stage_maps', 'feature_consistency', 'pca_rgb', 'plot_stage_maps']
 
 # %% ../nbs/06_evaluate.ipynb #c006
 def with_ignore(labels: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -115,3 +115,99 @@ def plot_sweep(df: pd.DataFrame, ax=None, label: str | None = None, metric: str 
     ax.set(xlabel="rotation (degrees)", ylabel=metric, xticks=range(0, 361, 45))
     ax.grid(alpha=0.3)
     return ax
+
+# %% ../nbs/06_evaluate.ipynb #c017
+from .taps import Taps, split_views, stage_taps
+from .views import align_attention, crop_extent, warp_back
+
+
+@torch.no_grad()
+def aligned_stage_maps(model, upright: torch.Tensor, rotated: torch.Tensor, angle: float,
+                       stages=("backbone", "pixel_decoder", "attention")) -> dict:
+    """Per tap: `(view1, view2 warped back, valid)` for images `upright` and `rotated` `[B,C,H,W]`
+    (`rotated` is `upright` turned by `angle`). Feature taps give `[B,C,h,w]` maps, attention taps
+    `[B,Q,h,w]` rows renormalized on the valid region."""
+    was_training = model.training
+    model.eval()
+    size = tuple(upright.shape[-2:])
+    try:
+        with Taps(model, stage_taps(model, stages)) as taps:
+            model(pixel_values=torch.cat([upright, rotated]))
+        v1, v2 = split_views(taps.check())
+        out = {}
+        for name in v1:
+            m = taps.meta[name]
+            if name.startswith("attention."):
+                out[name] = align_attention(v1[name], v2[name], m["hw"], angle, size, m["stride"])
+            else:
+                back, valid = warp_back(v2[name], angle, size, m["stride"])
+                out[name] = (crop_extent(v1[name], size, m["stride"]), back, valid)
+        return out
+    finally:
+        model.train(was_training)
+
+
+def _js(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    "Jensen–Shannon divergence (base 2, in [0, 1]) between rows over the last two dims."
+    m = (p + q) / 2
+    kl = lambda a, b: (a * ((a + eps) / (b + eps)).log2()).sum((-2, -1))
+    return (kl(p, m) + kl(q, m)) / 2
+
+
+def feature_consistency(model, ds, angles=tuple(range(0, 360, 15)), n_tiles: int = 8, split: str = "test",
+                        tile_size: int = 128, stages=("backbone", "pixel_decoder", "attention"), progress: bool = True) -> pd.DataFrame:
+    "Per angle and tap: mean cosine of aligned features (attention: 1 − JS of aligned rows) on `n_tiles` test tiles."
+    specs = ds.test_tiles(split, tile_size)[:n_tiles]
+    device = next(model.parameters()).device
+    up = ds.tiles(specs, 0.0)["image"].to(device)
+    rows = []
+    for a in tqdm([float(a) for a in angles], desc="feature consistency", disable=not progress):
+        rot = ds.tiles(specs, a)["image"].to(device)
+        for name, (m1, m2, valid) in aligned_stage_maps(model, up, rot, a, stages).items():
+            if not valid.any(): continue
+            if name.startswith("attention."):
+                score = 1 - _js(m1.float(), m2.float()).mean()
+            else:
+                cos = torch.nn.functional.cosine_similarity(m1.float(), m2.float(), dim=1)   # [B, h, w]
+                score = cos[:, valid].mean()
+            rows.append({"angle": a, "tap": name, "stage": name.split(".")[0], "consistency": float(score)})
+    return pd.DataFrame(rows)
+
+# %% ../nbs/06_evaluate.ipynb #c019
+def pca_rgb(f1: torch.Tensor, f2: torch.Tensor, valid: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    "Two `[C,h,w]` maps → `[h,w,3]` images through the top-3 principal components of `f1` on `valid`."
+    x1 = f1.flatten(1).T.float(); x2 = f2.flatten(1).T.float()
+    v = valid.flatten()
+    mu = x1[v].mean(0)
+    _, _, vt = torch.linalg.svd(x1[v] - mu, full_matrices=False)
+    p1, p2 = (x1 - mu) @ vt[:3].T, (x2 - mu) @ vt[:3].T
+    lo, hi = p1[v].quantile(0.02, dim=0), p1[v].quantile(0.98, dim=0)
+    norm = lambda p: ((p - lo) / (hi - lo + 1e-8)).clamp(0, 1)
+    img = lambda p: torch.where(v[:, None], norm(p), torch.full_like(p, 0.5)).reshape(*f1.shape[-2:], 3).numpy()
+    return img(p1), img(p2)
+
+
+def plot_stage_maps(maps: dict, taps=None, queries: int = 2, sample: int = 0):
+    "Upright vs rotated-back map per tap (features as PCA-RGB, attention for a few queries), valid region outlined."
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    taps = [t for t in (taps or maps)]
+    rows = []
+    for t in taps:
+        m1, m2, valid = maps[t]
+        if t.startswith("attention."):
+            q = m1[sample].flatten(1).amax(1).argsort(descending=True)[:queries]   # the most focused queries
+            rows += [(f"{t} q{int(i)}", m1[sample, i].numpy(), m2[sample, i].numpy(), valid) for i in q]
+        else:
+            a, b = pca_rgb(m1[sample], m2[sample], valid)
+            rows.append((t, a, b, valid))
+    fig, axes = plt.subplots(len(rows), 3, figsize=(6.6, 2.2 * len(rows)), squeeze=False)
+    for (label, a, b, valid), ax in zip(rows, axes):
+        kw = {} if a.ndim == 3 else {"cmap": "magma", "vmin": 0, "vmax": max(a.max(), b.max(), 1e-8)}
+        ax[0].imshow(a, **kw); ax[1].imshow(b, **kw)
+        ax[2].imshow(valid.numpy(), cmap="gray", vmin=0, vmax=1)
+        ax[0].set_ylabel(label, fontsize=8)
+        for x in ax: x.set_xticks([]); x.set_yticks([])
+    axes[0][0].set_title("upright", fontsize=9); axes[0][1].set_title("rotated, warped back", fontsize=9)
+    axes[0][2].set_title("valid", fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -285,6 +285,7 @@ class MarsModule(L.LightningModule):
 
     def _views(self, batch: dict):
         if self.cfg.train.mode == "none": return batch["image1"], batch["label1"]
+        self.cfg.train.angles.check(batch["angle"])      # a hand-made loader must respect the policy too
         return torch.cat([batch["image1"], batch["image2"]]), torch.cat([batch["label1"], batch["label2"]])
 
     def training_step(self, batch: dict, batch_idx: int):

@@ -111,3 +111,13 @@ def test_cuda_without_gpu_is_refused():
     with pytest.raises(RuntimeError, match="no CUDA GPU"):
         resolve_device("cuda")
     assert resolve_device("auto") == ("cpu", "32-true")
+
+
+def test_a_batch_outside_the_angle_policy_is_refused():
+    from mars_nb.train import MarsModule
+    cfg = RunConfig(train=TrainConfig(mode="rotaug", angles=AnglePolicy("discrete", [90.0])))
+    module = MarsModule(cfg.to_dict(), num_labels=2, num_channels=1)
+    x, y = torch.zeros(1, 1, 64, 64), torch.zeros(1, 64, 64, dtype=torch.long)
+    batch = {"image1": x, "label1": y, "image2": x, "label2": y, "angle": 45.0}
+    with pytest.raises(ConfigError, match="angle 45.0 is outside the policy discrete"):
+        module.training_step(batch, 0)

@@ -1,0 +1,35 @@
+"""The papermill template trains, evaluates and writes its files; bad parameters stop it before training."""
+import json
+
+import pytest
+
+from conftest import ROOT
+
+pm = pytest.importorskip("papermill")
+TEMPLATE = ROOT / "nbs" / "experiments" / "run.ipynb"
+
+
+def test_template_has_a_parameters_cell():
+    import nbformat
+    nb = nbformat.read(TEMPLATE, as_version=4)
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1 and "steps =" in tagged[0].source
+
+
+def test_run_notebook_with_a_handful_of_steps(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    pm.execute_notebook(str(TEMPLATE), str(out / "run.ipynb"), kernel_name="python3", progress_bar=False, cwd=str(tmp_path),
+                        parameters={"steps": 3, "mode": "mars", "mars": {"preset": "hybrid"}, "dataset": "nuclei",
+                                    "eval_angles": [0, 90], "out_dir": str(out)})
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["mode"] == "mars" and metrics["steps"] == 3 and 0 <= metrics["fg_iou_0"] <= 1
+    for f in ("config.yaml", "sweep.csv", "features.csv", "iou_vs_angle.png", "stage_maps.png", "model.safetensors"):
+        assert (out / f).exists(), f
+
+
+def test_bad_parameter_stops_before_training(tmp_path):
+    with pytest.raises(pm.PapermillExecutionError, match="expected an integer"):
+        pm.execute_notebook(str(TEMPLATE), str(tmp_path / "run.ipynb"), kernel_name="python3", progress_bar=False,
+                            parameters={"steps": "ten", "out_dir": str(tmp_path)})
+    assert not (tmp_path / "checkpoints").exists()
