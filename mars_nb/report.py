@@ -15,7 +15,9 @@ import pandas as pd
 from scipy import stats
 
 # %% auto #0
-__all__ = ['SUMMARY_COLUMNS', 'collect', 'mean_ci', 'summary_table', 'to_markdown', 'plot_metric_vs_angle', 'write_report']
+__all__ = ['SUMMARY_COLUMNS', 'collect', 'config_order', 'mean_ci', 'summary_table', 'to_markdown', 'plot_metric_vs_angle',
+           'plot_summary_bars', 'collect_features', 'plot_feature_consistency', 'plot_training_curves',
+           'plot_attention_panels', 'paired_differences', 'verdict', 'reading', 'write_readme', 'write_report']
 
 # %% ../nbs/08_report.ipynb #c005
 def collect(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -30,6 +32,12 @@ def collect(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         sweeps.append(pd.read_csv(done.parent / "sweep.csv").assign(**key))
     if not runs: raise FileNotFoundError(f"no finished runs (runs/*/done.json) under {root}")
     return pd.DataFrame(runs), pd.concat(sweeps, ignore_index=True)
+
+
+def config_order(configs) -> list[str]:
+    "The controls first (`none`, `rotaug`), then every other configuration alphabetically."
+    names = sorted(set(configs))
+    return [c for c in ("none", "rotaug") if c in names] + [c for c in names if c not in ("none", "rotaug")]
 
 
 def mean_ci(x, level: float = 0.95) -> tuple[float, float, int]:
@@ -93,19 +101,174 @@ def plot_metric_vs_angle(sweeps: pd.DataFrame, metric: str = "fg_iou", order: li
     return fig
 
 # %% ../nbs/08_report.ipynb #c012
-def write_report(root: str | Path, order: list[str] | None = None) -> pd.DataFrame:
-    "Figures under `root/figures`, `summary.csv` and `summary.md` for every finished run under `root`."
+def plot_summary_bars(table: pd.DataFrame, order: list[str] | None = None):
+    "Grouped bars per dataset: IoU at 0°, mean over angles, worst angle and drop per config, with 95% CIs."
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    metrics = ["fg_iou_0", "fg_iou_mean", "fg_iou_worst", "fg_iou_drop"]
+    datasets = list(dict.fromkeys(table["dataset"]))
+    configs = order or list(dict.fromkeys(table["config"]))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 3.4), squeeze=False)
+    width = 0.8 / len(configs)
+    for ax, dataset in zip(axes[0], datasets):
+        d = table[table["dataset"] == dataset].set_index("config")
+        for i, config in enumerate(c for c in configs if c in d.index):
+            r = d.loc[config]
+            ci = [r[f"{m}_ci"] for m in metrics]
+            err = [c if np.isfinite(c) else 0 for c in ci] if np.isfinite(ci).any() else None   # no bars for one seed
+            ax.bar(np.arange(len(metrics)) + (i - (len(configs) - 1) / 2) * width, [r[m] for m in metrics], width,
+                   yerr=err, capsize=2, color=plt.cm.tab10.colors[configs.index(config) % 10], label=config)
+        ax.set_xticks(range(len(metrics)), ["IoU at 0°", "mean over angles", "worst angle", "drop (0° − worst)"])
+        ax.set(title=dataset, ylabel="foreground IoU"); ax.grid(axis="y", alpha=0.3)
+    axes[0][-1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def collect_features(root: str | Path) -> pd.DataFrame:
+    "Feature consistency rows (angle, tap, stage, consistency) of every finished run, with run keys."
+    frames = []
+    for done in sorted(Path(root).glob("runs/*/done.json")):
+        f = done.parent / "features.csv"
+        if not f.exists(): continue
+        d = json.loads(done.read_text())
+        frames.append(pd.read_csv(f).assign(config=d["config"], dataset=d["dataset"], seed=d["seed"]))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def plot_feature_consistency(features: pd.DataFrame, order: list[str] | None = None):
+    "Rows: datasets; columns: stages; one line per config — how closely each stage's maps rotate with the image."
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    datasets, stages = list(dict.fromkeys(features["dataset"])), ["backbone", "pixel_decoder", "attention"]
+    configs = order or list(dict.fromkeys(features["config"]))
+    fig, axes = plt.subplots(len(datasets), 3, figsize=(14, 3.1 * len(datasets)), squeeze=False, sharex=True)
+    for row, dataset in zip(axes, datasets):
+        for ax, stage in zip(row, stages):
+            d = features[(features["dataset"] == dataset) & (features["stage"] == stage)]
+            for config in configs:
+                g = d[d["config"] == config].groupby(["seed", "angle"])["consistency"].mean().reset_index()
+                if g.empty: continue
+                stat = g.groupby("angle")["consistency"].apply(lambda x: pd.Series(mean_ci(x)[:2], index=["m", "h"])).unstack()
+                c = plt.cm.tab10.colors[configs.index(config) % 10]
+                ax.plot(stat.index, stat["m"], lw=1.3, color=c, label=config)
+                if stat["h"].notna().any(): ax.fill_between(stat.index, stat["m"] - stat["h"], stat["m"] + stat["h"], color=c, alpha=0.15, lw=0)
+            ax.set(title=f"{dataset} · {stage}", xticks=range(0, 361, 90)); ax.grid(alpha=0.3)
+        row[0].set_ylabel("cosine (attention: 1 − JS)")
+    for ax in axes[-1]: ax.set_xlabel("rotation (degrees)")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_training_curves(root: str | Path, runs: pd.DataFrame, order: list[str] | None = None, smooth: int = 25):
+    "Supervised training loss per config (mean over seeds, running mean over `smooth` logged steps)."
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    from mars_nb.train import read_log  # noqa: PLC0415
+    datasets = list(dict.fromkeys(runs["dataset"]))
+    configs = order or list(dict.fromkeys(runs["config"]))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 3.4), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        for config in configs:
+            logs = [read_log(Path(root) / "runs" / r) for r in runs[(runs.dataset == dataset) & (runs.config == config)]["run"]]
+            logs = [l.set_index("step")["train/supervised"] for l in logs if len(l) and "train/supervised" in l]
+            if not logs: continue
+            curve = pd.concat(logs, axis=1).mean(axis=1).rolling(smooth, min_periods=1).mean()
+            ax.plot(curve.index, curve.values, lw=1.2, color=plt.cm.tab10.colors[configs.index(config) % 10], label=config)
+        ax.set(title=dataset, xlabel="step", ylabel="supervised loss", yscale="log"); ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+# %% ../nbs/08_report.ipynb #c014
+def plot_attention_panels(run_dir: str | Path, angle: float = 30.0, tile: int = 0):
+    "Stage maps (upright vs rotated back) of a finished run on one test tile, or None without its weights."
+    from mars_nb.evaluate import aligned_stage_maps, plot_stage_maps  # noqa: PLC0415
+    from mars_nb.train import dataset_for, load_trained  # noqa: PLC0415
+    if not (Path(run_dir) / "model.safetensors").exists(): return None
+    model, cfg = load_trained(run_dir)
+    ds = dataset_for(cfg)
+    spec = ds.test_tiles(cfg.eval.split, cfg.data.crop)[tile]
+    maps = aligned_stage_maps(model, ds.tiles([spec], 0.0)["image"], ds.tiles([spec], angle)["image"], angle)
+    fig = plot_stage_maps(maps, ["pixel_decoder.mask_features", "attention.layer0", "attention.layer1", "attention.layer2"])
+    fig.suptitle(f"{Path(run_dir).name} · test tile {tile} at {angle:g}°", fontsize=10, y=1.01)
+    return fig
+
+# %% ../nbs/08_report.ipynb #c016
+def paired_differences(runs: pd.DataFrame, metric: str = "fg_iou_mean", control: str = "rotaug") -> pd.DataFrame:
+    "Per dataset and config: mean and 95% CI of `metric` − the control's `metric`, paired by seed."
+    rows = []
+    for dataset, d in runs.groupby("dataset", sort=False):
+        base = d[d["config"] == control].set_index("seed")[metric]
+        for config, g in d[d["config"] != control].groupby("config", sort=False):
+            diff = (g.set_index("seed")[metric] - base).dropna()
+            m, h, n = mean_ci(diff)
+            rows.append({"dataset": dataset, "config": config, "diff": m, "ci": h, "n": n})
+    return pd.DataFrame(rows)
+
+
+def verdict(diff: float, ci: float, n: int) -> str:
+    "Words for a paired difference: helps / hurts / no detectable difference / one seed only."
+    if not np.isfinite(diff): return "not comparable"
+    if n < 2 or not np.isfinite(ci): return f"{diff:+.3f} on one seed — no interval, no claim"
+    if diff - ci > 0: return f"helps: {diff:+.3f} ± {ci:.3f}"
+    if diff + ci < 0: return f"hurts: {diff:+.3f} ± {ci:.3f}"
+    return f"no detectable difference: {diff:+.3f} ± {ci:.3f}"
+
+
+def reading(runs: pd.DataFrame, table: pd.DataFrame) -> str:
+    "Markdown paragraphs: for each dataset, what rotation costs without augmentation and what each tap adds over rotaug."
+    lines = []
+    for dataset, t in table.groupby("dataset", sort=False):
+        t = t.set_index("config")
+        lines.append(f"**{dataset}.**")
+        if {"none", "rotaug"} <= set(t.index):
+            lines.append(f"Trained upright only (`none`), the foreground IoU falls from {t.loc['none', 'fg_iou_0']:.3f} at 0° to "
+                         f"{t.loc['none', 'fg_iou_worst']:.3f} at its worst angle; rotation augmentation (`rotaug`) holds "
+                         f"{t.loc['rotaug', 'fg_iou_mean']:.3f} on average over angles (worst {t.loc['rotaug', 'fg_iou_worst']:.3f}).")
+        diffs = paired_differences(runs[runs["dataset"] == dataset])
+        if len(diffs):
+            lines.append("Mean IoU over angles, each configuration minus `rotaug` (paired by seed, 95% CI):")
+            lines += [f"- `{r.config}`: {verdict(r.diff, r.ci, r.n)}" for r in diffs.itertuples()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_readme(root: Path, runs: pd.DataFrame, table: pd.DataFrame, figures: list[str], extra: str = ""):
+    "reports/README.md: the table, the reading and every figure."
+    seeds = sorted(int(s) for s in runs["seed"].unique())
+    text = [f"# Results\n", f"{runs['run'].nunique()} runs: {runs['config'].nunique()} configurations × "
+            f"{runs['dataset'].nunique()} datasets × seeds {seeds}. Mean ± 95% confidence interval over seeds "
+            "(Student t); IoU is the foreground (crater / nucleus) IoU on held-out test tiles.\n",
+            "![foreground IoU vs angle](figures/iou_vs_angle.png)\n", "## Summary\n", to_markdown(table),
+            "\n## Reading\n", reading(runs, table), extra, "\n## Figures\n"]
+    text += [f"![{f}](figures/{f})\n" for f in figures if f != "iou_vs_angle.png"]
+    text.append("\nEvery run's executed notebook, config, logs and metrics are under `runs/`.\n")
+    (root / "README.md").write_text("\n".join(text))
+
+# %% ../nbs/08_report.ipynb #c018
+def write_report(root: str | Path, order: list[str] | None = None, panels: bool = True) -> pd.DataFrame:
+    "Every figure under `root/figures`, `summary.csv`, `summary.md`, `runs.csv` and `README.md` for the runs under `root`."
     import matplotlib.pyplot as plt  # noqa: PLC0415
     root = Path(root)
     runs, sweeps = collect(root)
-    order = order or list(dict.fromkeys(runs["config"]))
-    (root / "figures").mkdir(parents=True, exist_ok=True)
-    for metric, label, fname in (("fg_iou", "foreground IoU", "iou_vs_angle.png"),
-                                 ("consistency", "prediction consistency (IoU vs upright)", "consistency_vs_angle.png")):
-        fig = plot_metric_vs_angle(sweeps, metric, order, label)
-        fig.savefig(root / "figures" / fname, dpi=130, bbox_inches="tight"); plt.close(fig)
+    order = order or config_order(runs["config"])
+    figdir = root / "figures"; figdir.mkdir(parents=True, exist_ok=True)
     table = summary_table(runs, order)
+    figs = {"iou_vs_angle.png": plot_metric_vs_angle(sweeps, "fg_iou", order, "foreground IoU"),
+            "consistency_vs_angle.png": plot_metric_vs_angle(sweeps, "consistency", order, "prediction consistency (IoU vs upright)"),
+            "summary_bars.png": plot_summary_bars(table, order),
+            "training_curves.png": plot_training_curves(root, runs, order)}
+    features = collect_features(root)
+    if len(features): figs["feature_consistency.png"] = plot_feature_consistency(features, order)
+    if panels:
+        ranked = table[table["dataset"] == table["dataset"].iloc[0]].sort_values("fg_iou_mean")
+        for tag, config in (("best", ranked["config"].iloc[-1]), ("worst", ranked["config"].iloc[0])):
+            run = runs[(runs["config"] == config) & (runs["dataset"] == ranked["dataset"].iloc[0])]["run"].iloc[0]
+            fig = plot_attention_panels(root / "runs" / run)
+            if fig is not None: figs[f"attention_{tag}.png"] = fig
+    for name, fig in figs.items():
+        fig.savefig(figdir / name, dpi=120, bbox_inches="tight"); plt.close(fig)
     table.to_csv(root / "summary.csv", index=False)
     (root / "summary.md").write_text(to_markdown(table))
     runs.to_csv(root / "runs.csv", index=False)
+    write_readme(root, runs, table, list(figs))
     return table

@@ -1,0 +1,432 @@
+"""Benchmark MARS against its physical limit.
+
+Two views cost twice one view; everything MARS adds on top of that (hooks, warp-back, distances,
+query matching) touches tensors far smaller than the network. So a MARS training step should cost
+about what the rotation-augmentation control (`rotaug`, the same two-view batch, supervised loss
+only) costs. This script measures that, side by side in one process run, and writes the ratios:
+
+    hook_overhead                     forward with every hybrid tap hooked / plain forward     (goal <= 1.02)
+    mars_over_rotaug_step             training step mars-hybrid / rotaug                       (goal <= 1.10)
+    batched_over_two_single           one step on [x ; R x] / two single-view steps            (goal <= 0.95)
+    mars_attention_over_rotaug_memory peak memory mars-attention / rotaug                      (goal <= 1.15)
+    sweep_linearity                   24-angle sweep / (24 x one angle)                        (goal <= 1.05)
+    train_images_per_s.<variant>      images through the network per second of training
+    sweep_images_per_s.<variant>      evaluated tiles x angles per second of the rotation sweep
+
+Method
+- Times: `time.perf_counter` around each call (CUDA: synchronized), variants interleaved within each
+  repeat (A B C A B C ...) so that drift hits all alike, the median over `--repeats` after
+  `--warmup` discarded repeats. Every variant sees the same batches in the same order.
+- A training step is what Lightning runs per batch: `on_train_batch_start`, `training_step`,
+  `backward`, `AdamW.step`, `zero_grad`. Batches come from `ViewPairs`/`collate_pairs` with view-2
+  angles drawn uniformly in [0, 360) (the default ablation's policy), so warp-backs take the
+  bilinear path, not the exact rot90 one.
+- Memory: each variant runs in a fresh child process. CPU: the child reads its resident set size
+  after loading the data and building the batches, resets the kernel's high-water mark
+  (`/proc/self/clear_refs`), builds the model and optimizer, runs a few steps and reads the new
+  high-water mark (`VmHWM`); peak memory = high-water mark - baseline (weights, gradients, optimizer
+  state, activations; the interpreter and libraries are excluded because they are the same for
+  every variant). Where the reset is not possible it falls back to `ru_maxrss` and says so. CUDA:
+  `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`, minus the memory allocated
+  before the model was built.
+- Sweep: `mars_nb.evaluate.sweep` over the 24 angles 0, 15, ..., 345 against a one-angle sweep at
+  0 degrees (exactly one angle's work: tile building, one prediction pass, IoU and consistency;
+  a single non-zero angle would also need the upright reference pass and halve the ratio).
+
+Usage: python bench/bench_mars.py --preset tiny --preset r50 [--repeats 7] [--out-dir reports]
+Each preset writes a flat {"name": value} JSON: `bench.json` for tiny on CPU (the headline figures),
+`bench-<preset>.json` for the others, `bench-gpu.json` for the first preset on CUDA.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+GOALS = {"hook_overhead": 1.02, "mars_over_rotaug_step": 1.10, "batched_over_two_single": 0.95,
+         "mars_attention_over_rotaug_memory": 1.15, "sweep_linearity": 1.05}
+
+# Benchmark settings per preset: the model preset (+ config overrides), crop, images per view per step,
+# how many test tiles the sweep evaluates (None: all of the crater test split) and its batch size.
+PRESETS = {
+    "tiny": dict(model="tiny", overrides={}, crop=128, batch=8, sweep_tiles=None, sweep_batch=16),
+    "r50": dict(model="r50", overrides={}, crop=128, batch=2, sweep_tiles=6, sweep_batch=6),
+    "r50-512": dict(model="r50", overrides={}, crop=512, batch=4, sweep_tiles=None, sweep_batch=8),
+}
+SMOKE = dict(model="tiny", overrides={}, crop=64, batch=2, sweep_tiles=2, sweep_batch=2)
+
+VARIANTS = {  # name -> (training mode, MARS config)
+    "none": ("none", None),
+    "rotaug": ("rotaug", None),
+    "mars-hybrid": ("mars", {"preset": "hybrid"}),
+    "mars-attention": ("mars", {"preset": "attention"}),
+    "mars-pixel": ("mars", {"preset": "pixel"}),
+    "mars-backbone": ("mars", {"preset": "backbone"}),
+    "mars-paper": ("mars", {"preset": "paper"}),
+}
+MEMORY_VARIANTS = ("rotaug", "mars-attention", "mars-hybrid")
+SWEEP_VARIANTS = ("rotaug", "mars-hybrid")
+SWEEP_ANGLES = tuple(float(a) for a in range(0, 360, 15))
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def machine_info(device: str) -> dict:
+    "What the figures were measured on."
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    import transformers
+    info = {"device": device, "cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def sync(device: str):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def clock(fn, device: str) -> float:
+    "Seconds `fn()` takes (CUDA work included)."
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+def interleaved(fns: dict, repeats: int, warmup: int, device: str) -> dict[str, float]:
+    "Median seconds per call of every function in `fns`, called in turn, `warmup` rounds discarded."
+    times = {k: [] for k in fns}
+    names = list(fns)
+    for r in range(warmup + repeats):
+        order = names[r % len(names):] + names[:r % len(names)]  # rotate the order: no variant always goes first
+        for k in order:
+            t = clock(lambda: fns[k](r), device)
+            if r >= warmup:
+                times[k].append(t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+class Bench:
+    "Models, optimizers and batches of one benchmark preset."
+
+    def __init__(self, spec: dict, device: str, precision: str, repeats: int, warmup: int):
+        from mars_nb.data import load_dataset
+        from mars_nb.train import AnglePolicy, ViewPairs, collate_pairs
+        self.spec, self.device, self.precision = spec, device, precision
+        self.repeats, self.warmup = repeats, warmup
+        self.ds = load_dataset("craters")
+        self.policy = AnglePolicy("range", [0.0, 360.0])
+        B = spec["batch"]
+        pairs = ViewPairs(self.ds, spec["crop"], B, self.policy, seed=0)
+        n = warmup + repeats
+        self.batches = [self._to(collate_pairs([pairs[i * B + j] for j in range(B)])) for i in range(n)]
+
+    def _to(self, batch: dict) -> dict:
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def module(self, variant: str):
+        "A fresh `MarsModule` of `variant` (same initial weights for every variant) and its optimizer."
+        from mars_nb.train import DataConfig, MarsModule, ModelConfig, RunConfig, TrainConfig
+        mode, mars = VARIANTS[variant]
+        s = self.spec
+        cfg = RunConfig(data=DataConfig(crop=s["crop"], batch_size=s["batch"]),
+                        model=ModelConfig(preset=s["model"], overrides=dict(s["overrides"])),
+                        train=TrainConfig(mode=mode, angles=self.policy), mars=mars or {})
+        torch.manual_seed(0)
+        mod = MarsModule(cfg.to_dict(), self.ds.num_classes, self.ds.num_channels).to(self.device)
+        mod.log = lambda *a, **k: None  # no trainer attached: logging is Lightning's business, not timed
+        opt = torch.optim.AdamW([p for p in mod.parameters() if p.requires_grad], lr=1e-4)
+        return mod, opt
+
+    def step_fn(self, mod, opt, view: int | None = None):
+        "One training step on batch `i` (`view` 1 or 2: that view alone, as a single-view batch)."
+        def step(i: int):
+            b = self.batches[i]
+            if view == 2:
+                b = {**b, "image1": b["image2"], "label1": b["label2"]}
+            mod.on_train_batch_start(b, i)
+            with self.autocast():
+                loss = mod.training_step(b, i)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+
+# ---------------------------------------------------------------------------------------------- measurements
+def bench_hooks(b: Bench) -> dict:
+    "Forward of the two-view batch with every hybrid tap hooked (Taps built per forward, as in training) vs plain."
+    from mars_nb.losses import MarsLoss
+    mod, _ = b.module("rotaug")
+    model = mod.model.train()
+    mars = MarsLoss.from_config({"preset": "hybrid"}, model=model)
+    images = [torch.cat([x["image1"], x["image2"]]) for x in b.batches]
+
+    def plain(i):
+        with b.autocast():
+            out = model(pixel_values=images[i])
+        del out
+
+    def hooked(i):
+        with mars.taps(model) as taps, b.autocast():
+            out = model(pixel_values=images[i])
+        taps.check()
+        del out, taps
+
+    t = interleaved({"plain": plain, "hooked": hooked}, b.repeats, b.warmup, b.device)
+    return {"forward_s.plain": t["plain"], "forward_s.hooked": t["hooked"], "hook_overhead": t["hooked"] / t["plain"]}
+
+
+def bench_steps(b: Bench, variants) -> tuple[dict, dict]:
+    "Training-step time of every variant, plus two single-view steps (mode none on view 1, then on view 2)."
+    mods = {v: b.module(v) for v in variants}
+    fns = {v: b.step_fn(*mods[v]) for v in variants}
+    one, two = b.step_fn(*mods["none"], view=1), b.step_fn(*mods["none"], view=2)
+
+    def two_single(i):
+        one(i)
+        two(i)
+
+    fns["two-single"] = two_single
+    t = interleaved(fns, b.repeats, b.warmup, b.device)
+    B = b.spec["batch"]
+    out = {f"step_s.{v}": t[v] for v in fns}
+    for v in variants:
+        out[f"train_images_per_s.{v}"] = (B if v == "none" else 2 * B) / t[v]
+    out["mars_over_rotaug_step"] = t["mars-hybrid"] / t["rotaug"]
+    out["batched_over_two_single"] = t["rotaug"] / t["two-single"]
+    return out, mods
+
+
+class _Tiles:
+    "A dataset whose test split is only the first `n` tiles (to keep the sweep of large presets short)."
+
+    def __init__(self, ds, n: int | None):
+        self._ds, self._n = ds, n
+
+    def __getattr__(self, name):
+        return getattr(self._ds, name)
+
+    def test_tiles(self, *a, **k):
+        specs = self._ds.test_tiles(*a, **k)
+        return specs if self._n is None else specs[: self._n]
+
+
+def bench_sweep(b: Bench, mods: dict) -> dict:
+    "24-angle sweep against a one-angle sweep (0 degrees), for the models of the sweep variants."
+    from mars_nb.evaluate import sweep
+    ds = _Tiles(b.ds, b.spec["sweep_tiles"])
+    n_tiles = len(ds.test_tiles("test", b.spec["crop"]))
+    kw = dict(batch_size=b.spec["sweep_batch"], tile_size=b.spec["crop"], progress=False)
+    fns = {}
+    for v in SWEEP_VARIANTS:
+        model = mods[v][0].model.eval()
+
+        def run(i, model=model, angles=SWEEP_ANGLES):
+            with b.autocast():
+                sweep(model, ds, angles, **kw)
+        fns[f"{v}/24"] = run
+        fns[f"{v}/1"] = lambda i, run=run: run(i, angles=(0.0,))
+    t = interleaved(fns, max(1, min(b.repeats, 3)), 1, b.device)
+    out = {"sweep_tiles": n_tiles}
+    for v in SWEEP_VARIANTS:
+        out[f"sweep_s.{v}"] = t[f"{v}/24"]
+        out[f"sweep_one_angle_s.{v}"] = t[f"{v}/1"]
+        out[f"sweep_images_per_s.{v}"] = n_tiles * len(SWEEP_ANGLES) / t[f"{v}/24"]
+    lin = [t[f"{v}/24"] / (len(SWEEP_ANGLES) * t[f"{v}/1"]) for v in SWEEP_VARIANTS]
+    out["sweep_linearity"] = statistics.mean(lin)
+    return out
+
+
+def _rss_kb(field: str) -> int | None:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return None
+
+
+def _malloc_trim():
+    "Hand memory that glibc keeps after free() back to the system (no-op elsewhere)."
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def memory_child(preset: str, variant: str, device: str, precision: str, steps: int) -> dict:
+    "Run in a fresh process: peak memory growth of `steps` training steps of `variant` (see the module docstring)."
+    spec = SMOKE if preset == "smoke" else PRESETS[preset]
+    b = Bench(spec, device, precision, repeats=steps, warmup=0)
+    # warm-up with a throw-away copy: lazy imports, thread pools and kernels' scratch space belong to
+    # the baseline, not to the variant
+    mod, opt = b.module(variant)
+    b.step_fn(mod, opt)(0)
+    del mod, opt
+    gc.collect()
+    _malloc_trim()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        method = "torch.cuda.max_memory_allocated minus memory_allocated before the model"
+    else:
+        base = (_rss_kb("VmRSS") or 0) * 1024
+        try:
+            Path("/proc/self/clear_refs").write_text("5")   # reset the peak RSS (VmHWM) to the current RSS
+            reset = _rss_kb("VmHWM") is not None
+        except OSError:
+            reset = False
+        method = ("peak RSS (VmHWM, reset via clear_refs) minus RSS before the model, fresh process per variant, "
+                  "allocations >= 128 KiB mmapped" if reset else
+                  "ru_maxrss (the high-water mark could not be reset) minus RSS before the model")
+    mod, opt = b.module(variant)
+    step = b.step_fn(mod, opt)
+    for i in range(steps):
+        step(i)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        hwm = _rss_kb("VmHWM") if reset else None
+        peak = hwm * 1024 if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"variant": variant, "baseline_mb": base / 2**20, "peak_mb": peak / 2**20,
+            "growth_mb": (peak - base) / 2**20, "method": method}
+
+
+def bench_memory(preset: str, device: str, precision: str, steps: int) -> dict:
+    "Peak memory of every memory variant, each in its own child process."
+    out, method = {}, None
+    for v in MEMORY_VARIANTS:
+        cmd = [sys.executable, __file__, "--memory-child", v, "--preset", preset, "--device", device,
+               "--precision", precision, "--memory-steps", str(steps)]
+        # glibc: every allocation of 128 KiB or more gets its own mapping, returned to the system when
+        # freed, so the resident set follows the live tensors instead of what malloc keeps cached
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+        if res.returncode != 0:
+            raise RuntimeError(f"memory child for {v} failed:\n{res.stderr[-3000:]}")
+        r = json.loads(res.stdout.strip().splitlines()[-1])
+        out[f"memory_mb.{v}"] = r["growth_mb"]
+        method = r["method"]
+    out["memory_method"] = method
+    out["mars_attention_over_rotaug_memory"] = out["memory_mb.mars-attention"] / out["memory_mb.rotaug"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- report
+def run_preset(preset: str, device: str, precision: str, repeats: int, warmup: int, memory_steps: int) -> dict:
+    spec = SMOKE if preset == "smoke" else PRESETS[preset]
+    t0 = time.perf_counter()
+    b = Bench(spec, device, precision, repeats, warmup)
+    variants = ["none", "rotaug", "mars-hybrid", "mars-attention"]
+    if preset != "smoke":
+        variants += ["mars-pixel", "mars-backbone", "mars-paper"]
+    res = {"preset": preset, "model": spec["model"], "crop": spec["crop"], "batch_per_view": spec["batch"],
+           "precision": precision, "repeats": repeats, "warmup": warmup, **machine_info(device)}
+    res.update(bench_hooks(b))
+    steps, mods = bench_steps(b, variants)
+    res.update(steps)
+    res.update(bench_sweep(b, mods))
+    del mods
+    gc.collect()
+    res.update(bench_memory(preset, device, precision, memory_steps))
+    res["bench_seconds"] = time.perf_counter() - t0
+    return res
+
+
+def table(res: dict) -> str:
+    "The figures of one preset as a text table."
+    lines = [f"== {res['preset']}: {res['model']} at {res['crop']}x{res['crop']}, {res['batch_per_view']} images per view, "
+             f"{res['device']} ({res.get('gpu') or res['cpu']}, {res['cpu_cores']} cores, {res['torch_threads']} torch threads), "
+             f"torch {res['torch']}, {res['precision']}, median of {res['repeats']} after {res['warmup']} warm-up",
+             f"{'ratio':36s} {'value':>8s} {'goal':>7s}  met"]
+    for k, g in GOALS.items():
+        lines.append(f"{k:36s} {res[k]:8.3f} {'<= ' + str(g):>7s}  {'yes' if res[k] <= g else 'NO'}")
+    lines.append(f"{'variant':16s} {'step s':>8s} {'x rotaug':>8s} {'train img/s':>11s} {'sweep img/s':>11s} {'peak MB':>8s}")
+    rot = res["step_s.rotaug"]
+    for v in VARIANTS:
+        if f"step_s.{v}" not in res:
+            continue
+        sw = res.get(f"sweep_images_per_s.{v}")
+        mem = res.get(f"memory_mb.{v}")
+        lines.append(f"{v:16s} {res[f'step_s.{v}']:8.4f} {res[f'step_s.{v}'] / rot:8.3f} "
+                     f"{res[f'train_images_per_s.{v}']:11.1f} {'' if sw is None else f'{sw:11.1f}':>11s} "
+                     f"{'' if mem is None else f'{mem:8.1f}':>8s}")
+    lines.append(f"{'two single steps':16s} {res['step_s.two-single']:8.4f} {res['step_s.two-single'] / rot:8.3f}")
+    lines.append(f"forward plain {res['forward_s.plain']:.4f} s, hooked {res['forward_s.hooked']:.4f} s; sweep "
+                 f"{res['sweep_tiles']} tiles x 24 angles {res['sweep_s.rotaug']:.2f} s, one angle "
+                 f"{res['sweep_one_angle_s.rotaug']:.3f} s; memory: {res['memory_method']}; "
+                 f"benchmark took {res['bench_seconds']:.0f} s")
+    return "\n".join(lines)
+
+
+def out_name(preset: str, device: str) -> str:
+    if device == "cuda":
+        return "bench-gpu.json" if preset != "smoke" else "bench-gpu-smoke.json"
+    return "bench.json" if preset == "tiny" else f"bench-{preset}.json"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", action="append", choices=[*PRESETS, "smoke"],
+                   help="benchmark preset (repeatable; default tiny)")
+    p.add_argument("--repeats", type=int, default=7, help="timed repeats per measurement (median)")
+    p.add_argument("--warmup", type=int, default=2, help="discarded repeats before timing")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16"], help="default: fp32 on CPU, bf16 on CUDA")
+    p.add_argument("--memory-steps", type=int, default=3, help="training steps per memory child")
+    p.add_argument("--out-dir", default="reports", help="where the JSON files go ('' to write none)")
+    p.add_argument("--out", default=None, help="JSON path (only with a single --preset)")
+    p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    presets = a.preset or ["tiny"]
+    precision = a.precision or ("bf16" if a.device == "cuda" else "fp32")
+    if a.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU is visible")
+    if a.memory_child:
+        print(json.dumps(memory_child(presets[0], a.memory_child, a.device, precision, a.memory_steps)))
+        return
+    if a.out and len(presets) != 1:
+        p.error("--out needs exactly one --preset")
+    for preset in presets:
+        res = run_preset(preset, a.device, precision, a.repeats, a.warmup, a.memory_steps)
+        print(table(res), flush=True)
+        path = Path(a.out) if a.out else (Path(a.out_dir) / out_name(preset, a.device) if a.out_dir else None)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(res, indent=1) + "\n")
+            print(f"wrote {path}\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()
