@@ -26,6 +26,10 @@ def test_run_notebook_with_a_handful_of_steps(tmp_path):
     assert metrics["mode"] == "mars" and metrics["steps"] == 3 and 0 <= metrics["fg_iou_0"] <= 1
     for f in ("config.yaml", "sweep.csv", "features.csv", "iou_vs_angle.png", "stage_maps.png", "model.safetensors"):
         assert (out / f).exists(), f
+    # the exploration notebook loads the finished run and shows it at any angle
+    pm.execute_notebook(str(ROOT / "nbs" / "experiments" / "explore.ipynb"), str(tmp_path / "explore.ipynb"),
+                        kernel_name="python3", progress_bar=False, cwd=str(tmp_path),
+                        parameters={"run_dir": str(out), "angle": 30.0, "tile": 1})
 
 
 def test_bad_parameter_stops_before_training(tmp_path):
