@@ -9,7 +9,7 @@ STAMP := $(VENV)/.mars_nb-installed
 # Data packages ship real images; their own dependencies pull TensorFlow, so --no-deps.
 DATA_PKGS := pycda==0.1.16 stardist==0.9.2
 
-.PHONY: install test reports reports-quick export readme print-readme lab bench
+.PHONY: install test reports reports-quick export readme print-readme lab bench bench-gpu
 
 install: $(STAMP)
 
@@ -44,3 +44,13 @@ print-readme:
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab nbs/
+
+# Speed and memory of MARS against the rotation-augmentation control, measured side by side in one run
+# (bench/bench_mars.py says how): prints a table, writes reports/bench.json (tiny) and
+# reports/bench-small.json. A few minutes on 2 CPU cores; nothing else should run meanwhile.
+bench: $(STAMP)
+	$(PY) bench/bench_mars.py --preset tiny --preset small
+
+# The same for the ResNet-50 Mask2Former at 512x512 in bf16 on a CUDA GPU: reports/bench-gpu.json.
+bench-gpu: $(STAMP)
+	$(PY) bench/bench_mars.py --preset r50-512 --device cuda

@@ -29,13 +29,22 @@ Method
   every variant). Where the reset is not possible it falls back to `ru_maxrss` and says so. CUDA:
   `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`, minus the memory allocated
   before the model was built.
+- The machine: `other_load_cores` is the CPU time other processes took during the run, in cores;
+  above 0.05 the table warns that the timings are distorted (2 cores shared give nonsense).
 - Sweep: `mars_nb.evaluate.sweep` over the 24 angles 0, 15, ..., 345 against a one-angle sweep at
   0 degrees (exactly one angle's work: tile building, one prediction pass, IoU and consistency;
-  a single non-zero angle would also need the upright reference pass and halve the ratio).
+  a single non-zero angle would also need the upright reference pass and halve the ratio); the
+  one-angle time is the mean of 4 calls per repeat, the median taken over repeats as everywhere.
 
-Usage: python bench/bench_mars.py --preset tiny --preset r50 [--repeats 7] [--out-dir reports]
-Each preset writes a flat {"name": value} JSON: `bench.json` for tiny on CPU (the headline figures),
-`bench-<preset>.json` for the others, `bench-gpu.json` for the first preset on CUDA.
+Presets: `tiny` (128x128, 8 images per view), `small` (tiny widened and deepened, 192x192, 4 per view),
+`r50` (the paper's ResNet-50 Mask2Former at 128x128, 2 per view, fewer repeats), `r50-512` (for a GPU:
+512x512, bf16) and `smoke` (seconds; for the tests).
+
+Usage: python bench/bench_mars.py --preset tiny --preset small [--repeats N] [--out-dir reports]
+       python bench/bench_mars.py --preset r50-512 --device cuda          # -> reports/bench-gpu.json
+Each preset writes one flat {"name": value} JSON file (the figures of one preset on one machine, with
+the machine and settings as fields): `bench.json` for tiny on CPU (the headline figures),
+`bench-<preset>.json` for the other presets, `bench-gpu.json` on CUDA.
 """
 from __future__ import annotations
 
@@ -63,13 +72,26 @@ GOALS = {"hook_overhead": 1.02, "mars_over_rotaug_step": 1.10, "batched_over_two
          "mars_attention_over_rotaug_memory": 1.15, "sweep_linearity": 1.05}
 
 # Benchmark settings per preset: the model preset (+ config overrides), crop, images per view per step,
-# how many test tiles the sweep evaluates (None: all of the crater test split) and its batch size.
+# the training variants timed, repeats, and the sweep's test tiles (None: all of the crater test split),
+# batch size and repeats. `r50` is the paper's architecture, cut to what 2 CPU cores do in a few minutes.
+_ALL = ("none", "rotaug", "mars-hybrid", "mars-attention", "mars-pixel", "mars-backbone", "mars-paper")
+_NEEDED = ("none", "rotaug", "mars-hybrid", "mars-attention")
 PRESETS = {
-    "tiny": dict(model="tiny", overrides={}, crop=128, batch=8, sweep_tiles=None, sweep_batch=16),
-    "r50": dict(model="r50", overrides={}, crop=128, batch=2, sweep_tiles=6, sweep_batch=6),
-    "r50-512": dict(model="r50", overrides={}, crop=512, batch=4, sweep_tiles=None, sweep_batch=8),
+    "tiny": dict(model="tiny", overrides={}, crop=128, batch=8, variants=_ALL, repeats=7, warmup=2,
+                 sweep_tiles=None, sweep_batch=16, sweep_repeats=5, memory_steps=3),
+    "small": dict(model="tiny", crop=192, batch=4, variants=_ALL, repeats=5, warmup=2,
+                  overrides=dict(backbone_config=dict(hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2]),
+                                 feature_size=128, mask_feature_size=128, hidden_dim=128, encoder_layers=2,
+                                 encoder_feedforward_dim=256, decoder_layers=6, num_attention_heads=8,
+                                 dim_feedforward=256, num_queries=50, train_num_points=4096),
+                  sweep_tiles=None, sweep_batch=8, sweep_repeats=2, memory_steps=2),
+    "r50": dict(model="r50", overrides={}, crop=128, batch=2, variants=_NEEDED, repeats=3, warmup=1,
+                sweep_tiles=4, sweep_batch=4, sweep_repeats=2, memory_steps=1),
+    "r50-512": dict(model="r50", overrides={}, crop=512, batch=4, variants=_ALL, repeats=7, warmup=3,
+                    sweep_tiles=None, sweep_batch=8, sweep_repeats=3, memory_steps=3),   # GPU
+    "smoke": dict(model="tiny", overrides={}, crop=64, batch=2, variants=_NEEDED, repeats=1, warmup=0,
+                  sweep_tiles=2, sweep_batch=2, sweep_repeats=1, memory_steps=1),      # tests: does it run
 }
-SMOKE = dict(model="tiny", overrides={}, crop=64, batch=2, sweep_tiles=2, sweep_batch=2)
 
 VARIANTS = {  # name -> (training mode, MARS config)
     "none": ("none", None),
@@ -83,6 +105,7 @@ VARIANTS = {  # name -> (training mode, MARS config)
 MEMORY_VARIANTS = ("rotaug", "mars-attention", "mars-hybrid")
 SWEEP_VARIANTS = ("rotaug", "mars-hybrid")
 SWEEP_ANGLES = tuple(float(a) for a in range(0, 360, 15))
+ONE_ANGLE_CALLS = 4
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -101,6 +124,33 @@ def machine_info(device: str) -> dict:
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+class OtherLoad:
+    """CPU time other processes used while the benchmark ran, in cores (0 = the machine was ours alone).
+    Timings taken while other work competes for the cores are not worth reporting: the table flags them."""
+
+    def __init__(self):
+        self.t0, self.busy0, self.own0 = time.perf_counter(), self._busy(), self._own()
+
+    @staticmethod
+    def _busy() -> float | None:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            f = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+            user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in f[:8])
+            return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+        return None
+
+    @staticmethod
+    def _own() -> float:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def cores(self) -> float | None:
+        busy = self._busy()
+        if busy is None or self.busy0 is None:
+            return None
+        return max(0.0, (busy - self.busy0) - (self._own() - self.own0)) / (time.perf_counter() - self.t0)
 
 
 def sync(device: str):
@@ -133,17 +183,22 @@ def interleaved(fns: dict, repeats: int, warmup: int, device: str) -> dict[str, 
 class Bench:
     "Models, optimizers and batches of one benchmark preset."
 
-    def __init__(self, spec: dict, device: str, precision: str, repeats: int, warmup: int):
+    def __init__(self, spec: dict, device: str, precision: str, repeats: int | None = None, warmup: int | None = None):
         from mars_nb.data import load_dataset
         from mars_nb.train import AnglePolicy, ViewPairs, collate_pairs
         self.spec, self.device, self.precision = spec, device, precision
-        self.repeats, self.warmup = repeats, warmup
+        self.repeats = spec["repeats"] if repeats is None else repeats
+        self.warmup = spec["warmup"] if warmup is None else warmup
         self.ds = load_dataset("craters")
         self.policy = AnglePolicy("range", [0.0, 360.0])
         B = spec["batch"]
         pairs = ViewPairs(self.ds, spec["crop"], B, self.policy, seed=0)
-        n = warmup + repeats
-        self.batches = [self._to(collate_pairs([pairs[i * B + j] for j in range(B)])) for i in range(n)]
+        self.batches, self.data_s = [], []
+        for i in range(max(self.warmup + self.repeats, 1)):  # the data stream, timed on the way (not in the steps)
+            t = time.perf_counter()
+            batch = collate_pairs([pairs[i * B + j] for j in range(B)])
+            self.data_s.append(time.perf_counter() - t)
+            self.batches.append(self._to(batch))
 
     def _to(self, batch: dict) -> dict:
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -193,21 +248,23 @@ def bench_hooks(b: Bench) -> dict:
 
     def plain(i):
         with b.autocast():
-            out = model(pixel_values=images[i])
+            out = model(pixel_values=images[i % len(images)])
         del out
 
     def hooked(i):
         with mars.taps(model) as taps, b.autocast():
-            out = model(pixel_values=images[i])
+            out = model(pixel_values=images[i % len(images)])
         taps.check()
         del out, taps
 
-    t = interleaved({"plain": plain, "hooked": hooked}, b.repeats, b.warmup, b.device)
+    # a forward is a fraction of a step and the effect is small: three times the repeats
+    t = interleaved({"plain": plain, "hooked": hooked}, 3 * b.repeats, b.warmup, b.device)
     return {"forward_s.plain": t["plain"], "forward_s.hooked": t["hooked"], "hook_overhead": t["hooked"] / t["plain"]}
 
 
-def bench_steps(b: Bench, variants) -> tuple[dict, dict]:
+def bench_steps(b: Bench) -> tuple[dict, dict]:
     "Training-step time of every variant, plus two single-view steps (mode none on view 1, then on view 2)."
+    variants = b.spec["variants"]
     mods = {v: b.module(v) for v in variants}
     fns = {v: b.step_fn(*mods[v]) for v in variants}
     one, two = b.step_fn(*mods["none"], view=1), b.step_fn(*mods["none"], view=2)
@@ -224,6 +281,7 @@ def bench_steps(b: Bench, variants) -> tuple[dict, dict]:
         out[f"train_images_per_s.{v}"] = (B if v == "none" else 2 * B) / t[v]
     out["mars_over_rotaug_step"] = t["mars-hybrid"] / t["rotaug"]
     out["batched_over_two_single"] = t["rotaug"] / t["two-single"]
+    out["data_s_per_batch"] = statistics.median(b.data_s)
     return out, mods
 
 
@@ -254,11 +312,15 @@ def bench_sweep(b: Bench, mods: dict) -> dict:
         def run(i, model=model, angles=SWEEP_ANGLES):
             with b.autocast():
                 sweep(model, ds, angles, **kw)
+        def run_one(i, run=run):  # short: averaged over a few calls, or its noise would dominate the ratio
+            for _ in range(ONE_ANGLE_CALLS):
+                run(i, angles=(0.0,))
         fns[f"{v}/24"] = run
-        fns[f"{v}/1"] = lambda i, run=run: run(i, angles=(0.0,))
-    t = interleaved(fns, max(1, min(b.repeats, 3)), 1, b.device)
+        fns[f"{v}/1"] = run_one
+    t = interleaved(fns, b.spec["sweep_repeats"], 1 if b.warmup else 0, b.device)
     out = {"sweep_tiles": n_tiles}
     for v in SWEEP_VARIANTS:
+        t[f"{v}/1"] /= ONE_ANGLE_CALLS
         out[f"sweep_s.{v}"] = t[f"{v}/24"]
         out[f"sweep_one_angle_s.{v}"] = t[f"{v}/1"]
         out[f"sweep_images_per_s.{v}"] = n_tiles * len(SWEEP_ANGLES) / t[f"{v}/24"]
@@ -284,8 +346,7 @@ def _malloc_trim():
 
 def memory_child(preset: str, variant: str, device: str, precision: str, steps: int) -> dict:
     "Run in a fresh process: peak memory growth of `steps` training steps of `variant` (see the module docstring)."
-    spec = SMOKE if preset == "smoke" else PRESETS[preset]
-    b = Bench(spec, device, precision, repeats=steps, warmup=0)
+    b = Bench(PRESETS[preset], device, precision, repeats=steps, warmup=0)
     # warm-up with a throw-away copy: lazy imports, thread pools and kernels' scratch space belong to
     # the baseline, not to the variant
     mod, opt = b.module(variant)
@@ -344,23 +405,22 @@ def bench_memory(preset: str, device: str, precision: str, steps: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- report
-def run_preset(preset: str, device: str, precision: str, repeats: int, warmup: int, memory_steps: int) -> dict:
-    spec = SMOKE if preset == "smoke" else PRESETS[preset]
-    t0 = time.perf_counter()
+def run_preset(preset: str, device: str, precision: str, repeats: int | None, warmup: int | None) -> dict:
+    spec = PRESETS[preset]
+    t0, other = time.perf_counter(), OtherLoad()
     b = Bench(spec, device, precision, repeats, warmup)
-    variants = ["none", "rotaug", "mars-hybrid", "mars-attention"]
-    if preset != "smoke":
-        variants += ["mars-pixel", "mars-backbone", "mars-paper"]
-    res = {"preset": preset, "model": spec["model"], "crop": spec["crop"], "batch_per_view": spec["batch"],
-           "precision": precision, "repeats": repeats, "warmup": warmup, **machine_info(device)}
+    res = {"preset": preset, "model": spec["model"], "overrides": json.dumps(spec["overrides"]), "crop": spec["crop"],
+           "batch_per_view": spec["batch"], "precision": precision, "repeats": b.repeats, "warmup": b.warmup,
+           **machine_info(device)}
     res.update(bench_hooks(b))
-    steps, mods = bench_steps(b, variants)
+    steps, mods = bench_steps(b)
     res.update(steps)
     res.update(bench_sweep(b, mods))
     del mods
     gc.collect()
-    res.update(bench_memory(preset, device, precision, memory_steps))
+    res.update(bench_memory(preset, device, precision, spec["memory_steps"]))
     res["bench_seconds"] = time.perf_counter() - t0
+    res["other_load_cores"] = other.cores()
     return res
 
 
@@ -383,10 +443,15 @@ def table(res: dict) -> str:
                      f"{res[f'train_images_per_s.{v}']:11.1f} {'' if sw is None else f'{sw:11.1f}':>11s} "
                      f"{'' if mem is None else f'{mem:8.1f}':>8s}")
     lines.append(f"{'two single steps':16s} {res['step_s.two-single']:8.4f} {res['step_s.two-single'] / rot:8.3f}")
+    lines.append(f"data: {res['data_s_per_batch']:.4f} s to sample and collate one batch of pairs (not in the steps)")
     lines.append(f"forward plain {res['forward_s.plain']:.4f} s, hooked {res['forward_s.hooked']:.4f} s; sweep "
                  f"{res['sweep_tiles']} tiles x 24 angles {res['sweep_s.rotaug']:.2f} s, one angle "
                  f"{res['sweep_one_angle_s.rotaug']:.3f} s; memory: {res['memory_method']}; "
                  f"benchmark took {res['bench_seconds']:.0f} s")
+    other = res.get("other_load_cores")
+    if other is not None and other > 0.05:
+        lines.append(f"WARNING: other processes used {other:.2f} cores on average during this run; "
+                     "the times above are distorted: rerun on an otherwise idle machine")
     return "\n".join(lines)
 
 
@@ -398,13 +463,13 @@ def out_name(preset: str, device: str) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", action="append", choices=[*PRESETS, "smoke"],
+    p.add_argument("--preset", action="append", choices=list(PRESETS),
                    help="benchmark preset (repeatable; default tiny)")
-    p.add_argument("--repeats", type=int, default=7, help="timed repeats per measurement (median)")
-    p.add_argument("--warmup", type=int, default=2, help="discarded repeats before timing")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (median; default per preset)")
+    p.add_argument("--warmup", type=int, default=None, help="discarded repeats before timing (default per preset)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--precision", default=None, choices=["fp32", "bf16"], help="default: fp32 on CPU, bf16 on CUDA")
-    p.add_argument("--memory-steps", type=int, default=3, help="training steps per memory child")
+    p.add_argument("--memory-steps", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--out-dir", default="reports", help="where the JSON files go ('' to write none)")
     p.add_argument("--out", default=None, help="JSON path (only with a single --preset)")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
@@ -414,12 +479,13 @@ def main(argv=None):
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU is visible")
     if a.memory_child:
-        print(json.dumps(memory_child(presets[0], a.memory_child, a.device, precision, a.memory_steps)))
+        steps = a.memory_steps or PRESETS[presets[0]]["memory_steps"]
+        print(json.dumps(memory_child(presets[0], a.memory_child, a.device, precision, steps)))
         return
     if a.out and len(presets) != 1:
         p.error("--out needs exactly one --preset")
     for preset in presets:
-        res = run_preset(preset, a.device, precision, a.repeats, a.warmup, a.memory_steps)
+        res = run_preset(preset, a.device, precision, a.repeats, a.warmup)
         print(table(res), flush=True)
         path = Path(a.out) if a.out else (Path(a.out_dir) / out_name(preset, a.device) if a.out_dir else None)
         if path is not None:

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from .views import IGNORE, footprint_radius, rotate, rotate_labels, rotated_crop, valid_mask
+from .views import IGNORE, footprint_radius, rotate, rotate_labels, rotated_crop, rotated_crops, valid_mask
 
 # %% auto #0
 __all__ = ['SPLITS', 'IMAGE_SUFFIXES', 'Region', 'DATASETS', 'DatasetError', 'package_file', 'disc_instances', 'crater_scene',
@@ -234,36 +234,53 @@ class SceneDataset:
             self._region_masks[key] = m
         return self._region_masks[key]
 
-    def tile(self, spec: TileSpec, angle: float = 0.0) -> dict:
-        "One tile at `angle`: image `[C,h,w]` float, label `[h,w]` long (IGNORE where not valid), valid `[h,w]` bool."
-        spec, angle = TileSpec(*spec), float(angle)
-        img, lab = self.images[spec.scene], self.labels[spec.scene]
-        ins = self.instances[spec.scene] if self.instances is not None else None
-        (h, w), (cy, cx) = _hw(spec.size), spec.center
+    def _tile_batch(self, scene: int, centers: list, size: tuple[int, int], split: str, angle: float) -> dict:
+        "Tiles of one scene, size and split around `centers` at `angle`, every field resampled in one call."
+        img, lab = self.images[scene], self.labels[scene]
+        ins = self.instances[scene] if self.instances is not None else None
+        (h, w), n = size, len(centers)
         if self.tile_mode == "crop":
-            image = rotated_crop(img, (cy, cx), (h, w), angle, mode="bilinear")
-            label = rotated_crop(lab, (cy, cx), (h, w), angle, mode="nearest", fill=IGNORE).long()
+            image = rotated_crops(img, centers, (h, w), angle, mode="bilinear")
+            label = rotated_crops(lab, centers, (h, w), angle, mode="nearest", fill=IGNORE).long()
             # valid: the pixel's source lies inside this split's region (never another split, never outside)
-            valid = rotated_crop(self._region_mask(spec.split, spec.scene), (cy, cx), (h, w), angle,
-                                 mode="nearest", fill=0.0) > 0.5
-            instance = rotated_crop(ins, (cy, cx), (h, w), angle, mode="nearest", fill=0).long() if ins is not None else None
+            valid = rotated_crops(self._region_mask(split, scene), centers, (h, w), angle, mode="nearest", fill=0.0) > 0.5
+            instance = rotated_crops(ins, centers, (h, w), angle, mode="nearest", fill=0).long() if ins is not None else None
         else:
-            r0, c0 = cy - h / 2, cx - w / 2
-            if r0 != int(r0) or c0 != int(c0): raise ValueError(f"tile centre {spec.center} is not on the pixel grid for size {(h, w)}")
-            r0, c0 = int(r0), int(c0)
-            image = rotate(img[:, r0:r0 + h, c0:c0 + w], angle, fill=0.0)
-            label = rotate_labels(lab[r0:r0 + h, c0:c0 + w], angle).long()
-            valid = valid_mask((h, w), angle).bool()
-            instance = rotate_labels(ins[r0:r0 + h, c0:c0 + w], angle, ignore_index=0).long() if ins is not None else None
-        out = {"image": image.masked_fill(~valid, 0.0), "label": label.masked_fill(~valid, IGNORE), "valid": valid}
+            corners = []
+            for cy, cx in centers:
+                r0, c0 = cy - h / 2, cx - w / 2
+                if r0 != int(r0) or c0 != int(c0): raise ValueError(f"tile centre {(cy, cx)} is not on the pixel grid for size {(h, w)}")
+                corners.append((int(r0), int(c0)))
+            crop = lambda t: torch.stack([t[..., r0:r0 + h, c0:c0 + w] for r0, c0 in corners])
+            image = rotate(crop(img), angle, fill=0.0)
+            label = rotate_labels(crop(lab), angle).long()
+            valid = valid_mask((h, w), angle).bool().expand(n, h, w).clone()
+            instance = rotate_labels(crop(ins), angle, ignore_index=0).long() if ins is not None else None
+        out = {"image": image.masked_fill(~valid[:, None], 0.0), "label": label.masked_fill(~valid, IGNORE), "valid": valid}
         if instance is not None: out["instance"] = instance.masked_fill(~valid, 0)
         return out
 
+    def tile(self, spec: TileSpec, angle: float = 0.0) -> dict:
+        "One tile at `angle`: image `[C,h,w]` float, label `[h,w]` long (IGNORE where not valid), valid `[h,w]` bool."
+        spec = TileSpec(*spec)
+        batch = self._tile_batch(spec.scene, [spec.center], _hw(spec.size), spec.split, float(angle))
+        return {k: v[0] for k, v in batch.items()}
+
     def tiles(self, specs: Sequence[TileSpec], angle: float = 0.0) -> dict:
-        "A batch of tiles at one angle: image `[B,C,h,w]`, label `[B,h,w]`, valid `[B,h,w]` (and instance)."
-        items = [self.tile(s, angle) for s in specs]
-        if not items: raise ValueError("tiles() needs at least one tile spec")
-        return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+        """A batch of tiles at one angle: image `[B,C,h,w]`, label `[B,h,w]`, valid `[B,h,w]` (and instance).
+        The same as stacking `tile(spec, angle)`, but the tiles of one scene, size and split share one
+        resampling call per field (a rotation sweep builds every test tile at every angle)."""
+        specs = [TileSpec(*s) for s in specs]
+        if not specs: raise ValueError("tiles() needs at least one tile spec")
+        groups: dict = {}
+        for i, s in enumerate(specs): groups.setdefault((s.scene, _hw(s.size), s.split), []).append(i)
+        batches = {key: self._tile_batch(key[0], [specs[i].center for i in idx], key[1], key[2], float(angle))
+                   for key, idx in groups.items()}
+        if len(batches) == 1: return next(iter(batches.values()))
+        rows = [None] * len(specs)
+        for key, idx in groups.items():
+            for j, i in enumerate(idx): rows[i] = {k: v[j] for k, v in batches[key].items()}
+        return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
 
 # %% ../nbs/00_data.ipynb #c027
 def split_summary(ds: SceneDataset, size=None, stride: int | None = None) -> pd.DataFrame:

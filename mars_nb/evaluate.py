@@ -36,10 +36,20 @@ def iou_metric(num_classes: int) -> MulticlassJaccardIndex:
 
 
 def class_iou(pred: torch.Tensor, target: torch.Tensor, num_classes: int, valid: torch.Tensor | None = None) -> torch.Tensor:
-    "Per-class IoU of a predicted class map against `target` (pixels outside `valid` or `IGNORE` skipped)."
-    m = iou_metric(num_classes)
-    m.update(pred.long(), with_ignore(target.long(), valid))
-    return m.compute()
+    "Per-class IoU of a predicted class map against `target` (pixels outside `valid` or `IGNORE` skipped); NaN if a class is in neither."
+    if pred.shape != target.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must have the same shape")
+    k = int(num_classes)
+    t, p = with_ignore(target.long(), valid).reshape(-1), pred.long().reshape(-1)
+    keep = t != IGNORE
+    if bool((keep & ((t < 0) | (t >= k) | (p < 0) | (p >= k))).any()):
+        raise ValueError(f"class maps must hold values in 0..{k - 1} (target may also hold IGNORE={IGNORE}); got "
+                         f"target {sorted(set(t[keep].unique().tolist()) - set(range(k)))[:5]}, "
+                         f"pred {sorted(set(p[keep].unique().tolist()) - set(range(k)))[:5]} outside")
+    cm = torch.bincount(torch.where(keep, t * k + p, k * k), minlength=k * k + 1)[: k * k].reshape(k, k)
+    inter = cm.diagonal()
+    union = cm.sum(0) + cm.sum(1) - inter
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.tensor(float("nan"))).float()
 
 # %% ../nbs/06_evaluate.ipynb #c010
 def foreground_iou(iou: torch.Tensor) -> float:
@@ -50,14 +60,16 @@ def foreground_iou(iou: torch.Tensor) -> float:
 def predict_tiles(model, ds, specs: list, angle: float, batch_size: int = 16, predict=predict_semantic):
     "Predictions (by `predict(model, images)`), labels and valid masks of the tiles `specs` at `angle`."
     device = next(model.parameters()).device
-    preds, labels, valids = [], [], []
-    for i in range(0, len(specs), batch_size):
-        tiles = [ds.tile(s, angle) for s in specs[i:i + batch_size]]
-        images = torch.stack([torch.as_tensor(t["image"]) for t in tiles]).to(device)
-        preds.append(predict(model, images).cpu())
-        labels.append(torch.stack([torch.as_tensor(t["label"]) for t in tiles]).long())
-        valids.append(torch.stack([torch.as_tensor(t["valid"]) for t in tiles]).bool())
-    return torch.cat(preds), torch.cat(labels), torch.cat(valids)
+    if hasattr(ds, "tiles"):  # all tiles of this angle in one go (one resampling call per field)
+        t = ds.tiles(specs, angle)
+        images, labels, valids = torch.as_tensor(t["image"]), torch.as_tensor(t["label"]).long(), torch.as_tensor(t["valid"]).bool()
+    else:
+        tiles = [ds.tile(s, angle) for s in specs]
+        images = torch.stack([torch.as_tensor(t["image"]) for t in tiles])
+        labels = torch.stack([torch.as_tensor(t["label"]) for t in tiles]).long()
+        valids = torch.stack([torch.as_tensor(t["valid"]) for t in tiles]).bool()
+    preds = [predict(model, images[i:i + batch_size].to(device)).cpu() for i in range(0, len(specs), batch_size)]
+    return torch.cat(preds), labels, valids
 
 
 def sweep(model, ds, angles=tuple(range(0, 360, 15)), batch_size: int = 16, split: str = "test",
@@ -117,6 +129,7 @@ def plot_sweep(df: pd.DataFrame, ax=None, label: str | None = None, metric: str 
     return ax
 
 # %% ../nbs/06_evaluate.ipynb #c017
+from .losses import cosine_map
 from .taps import Taps, split_views, stage_taps
 from .views import align_attention, crop_extent, warp_back
 
@@ -168,7 +181,7 @@ def feature_consistency(model, ds, angles=tuple(range(0, 360, 15)), n_tiles: int
             if name.startswith("attention."):
                 score = 1 - _js(m1.float(), m2.float()).mean()
             else:
-                cos = torch.nn.functional.cosine_similarity(m1.float(), m2.float(), dim=1)   # [B, h, w]
+                cos = cosine_map(m1.float(), m2.float())   # [B, h, w]
                 score = cos[:, valid].mean()
             rows.append({"angle": a, "tap": name, "stage": name.split(".")[0], "consistency": float(score)})
     return pd.DataFrame(rows)

@@ -13,7 +13,7 @@ import difflib
 import fnmatch
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -71,9 +71,10 @@ def _predictor_input(args, kwargs, which: str, i: int | None = None):
     return args[1] if len(args) > 1 else kwargs["mask_features"]
 
 # %% ../nbs/03_taps.ipynb #c009
-def resolve_paths(model: nn.Module, pattern: str) -> list[str]:
-    "Module paths of `model` matching `pattern` (exact or fnmatch glob); ValueError naming close matches if none."
-    names = [n for n, _ in model.named_modules() if n]
+def resolve_paths(model: nn.Module, pattern: str, names: Sequence[str] | None = None) -> list[str]:
+    """Module paths of `model` matching `pattern` (exact or fnmatch glob); ValueError naming close matches if none.
+    `names`: the model's module paths when the caller already has them (one walk of the model for many patterns)."""
+    names = [n for n, _ in model.named_modules() if n] if names is None else names
     if pattern in names:
         return [pattern]
     hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
@@ -113,11 +114,12 @@ class Taps:
         self.specs: dict[str, TapSpec] = {}
         if isinstance(specs, (str, TapSpec)):
             specs = [specs]
+        names = dict.fromkeys(n for n, _ in model.named_modules() if n)  # one walk for all specs; ordered
         for s in specs:
             if isinstance(s, str):
-                new = [TapSpec(name=p, path=p) for p in resolve_paths(model, s)]
+                new = [TapSpec(name=p, path=p) for p in resolve_paths(model, s, names)]
             elif isinstance(s, TapSpec):
-                paths = resolve_paths(model, s.path)
+                paths = resolve_paths(model, s.path, names)
                 if len(paths) > 1:
                     raise ValueError(f"tap {s.name!r}: path {s.path!r} matches {len(paths)} modules {paths[:6]}; "
                                      "a TapSpec needs exactly one (pass the glob as a string to tap them all)")

@@ -9,6 +9,7 @@ Docs: https://github.com/mars-nb/mars_nb/views.html.md"""
 from __future__ import annotations
 
 import math
+import warnings
 from functools import lru_cache
 
 import numpy as np
@@ -17,8 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['IGNORE', 'rotate', 'rotate_labels', 'valid_mask', 'footprint_radius', 'rotated_crop', 'crop_extent', 'warp_back',
-           'align_attention', 'match_queries']
+__all__ = ['IGNORE', 'rotate', 'rotate_labels', 'valid_mask', 'footprint_radius', 'rotated_crop', 'rotated_crops', 'crop_extent',
+           'warp_back', 'align_attention', 'match_queries']
 
 # %% ../nbs/01_views.ipynb #c005
 IGNORE: int = 255  # label value for "no ground truth here" (e.g. pixels rotated in from outside)
@@ -211,6 +212,45 @@ def rotated_crop(source: Tensor, center: tuple[float, float], size: tuple[int, i
     window = source[..., y0:y1, x0:x1]
     return _resample(window, a, (h, w), (cy - y0, cx - x0), (h / 2, w / 2), mode, fill)
 
+def rotated_crops(source: Tensor, centers, size: tuple[int, int], angle: float, mode: str = "bilinear",
+                  fill: float | None = None) -> Tensor:
+    """`rotated_crop` around each of `centers` at one `angle`, stacked: [N, ..., h, w]. The windows of
+    all crops share one sampling grid (same size, same offset of the centre), so they are resampled in
+    one call instead of N; crops that do not share it (clipped at the border) are taken one by one."""
+    _check_map(source, "source")
+    h, w = _size(size)
+    centers = [_point(c) for c in centers]
+    if not centers:
+        raise ValueError("rotated_crops needs at least one centre")
+    a = _angle(angle)
+    H, W = source.shape[-2:]
+    c, s = _cos_sin(a)
+    ex, ey = 0.5 * (abs(w * c) + abs(h * s)), 0.5 * (abs(w * s) + abs(h * c))
+    groups: dict = {}
+    for i, (cy, cx) in enumerate(centers):
+        y0, x0 = math.floor(cy - ey) - 2, math.floor(cx - ex) - 2
+        y1, x1 = math.ceil(cy + ey) + 2, math.ceil(cx + ex) + 2
+        inside = 0 <= y0 and y1 <= H and 0 <= x0 and x1 <= W
+        key = (y1 - y0, x1 - x0, cy - y0, cx - x0) if inside and _quarter(a) is None else ("one", i)
+        groups.setdefault(key, []).append((i, y0, x0))
+    out: list = [None] * len(centers)
+    for key, members in groups.items():
+        if key[0] == "one" or len(members) == 1:
+            for i, _, _ in members:
+                out[i] = rotated_crop(source, centers[i], (h, w), a, mode, fill)
+            continue
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+        if mode == "bilinear" and not source.is_floating_point():
+            raise ValueError(f"bilinear sampling needs a floating source, got {source.dtype}; use mode='nearest' for labels")
+        hh, ww, ry, rx = key
+        windows = torch.stack([source[..., y0:y0 + hh, x0:x0 + ww] for _, y0, x0 in members])
+        f = fill if fill is not None else 0.0 if source.is_floating_point() else IGNORE
+        crops = _resample(windows, a, (h, w), (ry, rx), (h / 2, w / 2), mode, f)
+        for (i, _, _), crop in zip(members, crops):
+            out[i] = crop
+    return torch.stack(out)
+
 # %% ../nbs/01_views.ipynb #c025
 def _stride(stride) -> int:
     if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or stride <= 0:
@@ -228,6 +268,64 @@ def crop_extent(t: Tensor, image_size: tuple[int, int], stride: int) -> Tensor:
         raise ValueError(f"a map of spatial size {(th, tw)} at stride {s} covers only {(th * s, tw * s)} px, less than "
                          f"image_size {(H, W)}; it needs at least {(h, w)} cells (check image_size and stride)")
     return t[..., :h, :w]
+
+@lru_cache(maxsize=32)  # a step uses one angle at four strides; every entry is reused by several taps
+def _warp_operator(a: float, hw: tuple, c: tuple, margin: float, device: str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Sparse CSR matrices (S, S^T), [h*w, h*w]: bilinear resampling of an (h, w) grid rotated by `a` about `c`,
+    border padding and align_corners=False as `grid_sample`; the rows of cells outside `valid` are empty."""
+    h, w = hw
+    n = h * w
+    sy, sx = _source_coords(a, hw, c, c)
+    iy, ix = np.clip(sy - 0.5, 0, h - 1).ravel(), np.clip(sx - 0.5, 0, w - 1).ravel()
+    y0, x0 = np.floor(iy), np.floor(ix)
+    fy, fx = iy - y0, ix - x0
+    y0, x0 = y0.astype(np.int64), x0.astype(np.int64)
+    cols = np.stack([y0 * w + x0, y0 * w + x0 + 1, (y0 + 1) * w + x0, (y0 + 1) * w + x0 + 1], 1)
+    vals = np.stack([(1 - fy) * (1 - fx), (1 - fy) * fx, fy * (1 - fx), fy * fx], 1)
+    keep = (vals != 0) & _inside(a, hw, hw, c, c, margin, "cpu").numpy().reshape(n, 1)
+    rows = np.broadcast_to(np.arange(n)[:, None], (n, 4))[keep]  # row-major: sorted by row, then column
+    cols, vals = cols[keep], vals[keep]
+
+    def csr(r, k, v):
+        crow = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(np.bincount(r, minlength=n), out=crow[1:])
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": the products used here are stable
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(torch.as_tensor(crow), torch.as_tensor(k), torch.as_tensor(v, dtype=dtype),
+                                           size=(n, n)).to(device)
+
+    order = np.argsort(cols, kind="stable")  # the transpose: sorted by column, then row
+    return csr(rows, cols, vals), csr(cols[order], rows[order], vals[order])
+
+
+def _apply_rows(S: Tensor, x: Tensor) -> Tensor:
+    "S applied to every row of x [N, n] (each row one flattened map): [N, m], contiguous like the maps it feeds."
+    with torch.autocast(x.device.type, enabled=False):
+        # (the transposed product would leave a strided result that slows every later elementwise op)
+        return torch.sparse.mm(S, x.t()).t().contiguous()
+
+
+class _SparseWarp(torch.autograd.Function):
+    "out = S x on the flattened grid of x [N, h*w] (forward), S^T g (backward); float32 or float64."
+
+    @staticmethod
+    def forward(ctx, x: Tensor, S: Tensor, ST: Tensor) -> Tensor:
+        ctx.ST = ST
+        return _apply_rows(S, x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor):
+        return _apply_rows(ctx.ST, g), None, None
+
+
+def _warp_sparse(tc: Tensor, a: float, c: tuple, margin: float) -> Tensor:
+    "Bilinear warp of tc [B, C, h, w] (zero outside valid) through the cached sparse operator."
+    B, C, h, w = tc.shape
+    work = tc if tc.dtype in (torch.float32, torch.float64) else tc.float()
+    S, ST = _warp_operator(a, (h, w), c, margin, str(tc.device), work.dtype)
+    out = _SparseWarp.apply(work.reshape(B * C, h * w), S, ST)
+    return out.reshape(B, C, h, w).to(tc.dtype)
 
 def warp_back(t: Tensor, angle: float, image_size: tuple[int, int], stride: int, margin: float = 0) -> tuple[Tensor, Tensor]:
     "Resample a view-2 map `t` [B, C, h, w] at `stride` into the view-1 frame: (aligned [B, C, h', w'], valid [h', w'])."
@@ -249,9 +347,12 @@ def warp_back(t: Tensor, angle: float, image_size: tuple[int, int], stride: int,
     q = _quarter(b)
     if q == 0 or (q is not None and H == h * s and W == w * s and (q % 2 == 0 or h == w)):
         out = tc.clone() if q == 0 else torch.rot90(tc, q, dims=(-2, -1))
+        out = out if m == 0 else out.masked_fill(~valid, 0)  # without a margin every cell is valid
+    elif t.device.type == "cpu":
+        out = _warp_sparse(tc, b, c, m)
     else:
-        out = _sample(tc, b, (h, w), c, c, "bilinear").to(tc.dtype)
-    return out.masked_fill(~valid, 0), valid.clone()
+        out = _sample(tc, b, (h, w), c, c, "bilinear").to(tc.dtype).masked_fill(~valid, 0)
+    return out, valid.clone()
 
 # %% ../nbs/01_views.ipynb #c029
 def _renorm(p: Tensor, vf: Tensor, n: Tensor, eps: float) -> Tensor:

@@ -121,3 +121,24 @@ def test_a_batch_outside_the_angle_policy_is_refused():
     batch = {"image1": x, "label1": y, "image2": x, "label2": y, "angle": 45.0}
     with pytest.raises(ConfigError, match="angle 45.0 is outside the policy discrete"):
         module.training_step(batch, 0)
+
+
+DDP_SCRIPT = """
+import sys
+from mars_nb.train import RunConfig, DataConfig, TrainConfig, fit
+cfg = RunConfig(data=DataConfig(dataset="craters", crop=64, batch_size=2),
+                train=TrainConfig(mode="rotaug", steps=3, devices=2, log_every=1, ckpt_every=3, device="cpu"))
+fit(cfg, sys.argv[1], progress=False)
+"""
+
+
+def test_two_process_ddp_on_cpu(tmp_path):
+    "Lightning's DDP with gloo on CPU: the multi-GPU / multi-node path, proven in two processes."
+    import subprocess, sys
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "run")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Starting with 2 processes" in proc.stderr + proc.stdout
+    assert (tmp_path / "run" / "model.safetensors").exists()
+    assert list(read_log(tmp_path / "run")["step"]) == [0, 1, 2]

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from mars_nb.views import (IGNORE, align_attention, crop_extent, footprint_radius, match_queries, rotate,
-                           rotate_labels, rotated_crop, valid_mask, warp_back)
+                           rotate_labels, rotated_crop, rotated_crops, valid_mask, warp_back)
 
 STRIDES = (4, 8, 16, 32)
 
@@ -300,11 +300,56 @@ def test_warp_back_margin():
 
 def test_grid_cache_is_bounded_and_hit():
     from mars_nb import views
-    views._grid.cache_clear()
+    # on CPU warp_back uses the sparse operator: built once per (angle, grid, margin), then reused
+    views._warp_operator.cache_clear()
     for _ in range(3):
         warp_back(torch.zeros(1, 1, 8, 8), 17, (64, 64), 8)
+    info = views._warp_operator.cache_info()
+    assert info.hits >= 2 and info.misses == 1 and info.maxsize is not None
+    # images: rotate keeps its grid_sample grid cached the same way
+    views._grid.cache_clear()
+    for _ in range(3):
+        rotate(torch.zeros(1, 1, 8, 8), 17)
     info = views._grid.cache_info()
     assert info.hits >= 2 and info.maxsize is not None
+
+
+def test_sparse_warp_matches_grid_sample_values_and_gradients():
+    # the CPU operator against grid_sample (the path other devices take), padded maps, margins, odd sizes
+    from mars_nb import views
+    torch.manual_seed(0)
+    for (H, W), stride, th, margin in [((128, 128), 8, 37.0, 0), ((100, 150), 16, 200.0, 1), ((96, 160), 4, 301.5, 0.5)]:
+        hp, wp = -(-H // 32) * 32 // stride, -(-W // 32) * 32 // stride
+        t = torch.randn(2, 3, hp, wp, dtype=torch.float64, requires_grad=True)
+        al, v = warp_back(t, th, (H, W), stride, margin)
+        tc = crop_extent(t, (H, W), stride)
+        c = (H / (2 * stride), W / (2 * stride))
+        ref = views._sample(tc, views._angle(-th), tuple(tc.shape[-2:]), c, c, "bilinear").masked_fill(~v, 0)
+        g = torch.randn_like(ref)
+        (ga,) = torch.autograd.grad((al * g).sum(), t)
+        (gr,) = torch.autograd.grad((ref * g).sum(), t)
+        assert torch.allclose(al, ref, atol=1e-12) and torch.allclose(ga, gr, atol=1e-12)
+        assert (ga[..., tc.shape[-2]:, :] == 0).all() and (ga[..., tc.shape[-1]:] == 0).all()  # padding gets nothing
+    # float32 and half precision go through the same operator (half computed in float32)
+    t = torch.randn(1, 4, 16, 16)
+    ref = warp_back(t.double(), 33.0, (128, 128), 8)[0]
+    assert torch.allclose(warp_back(t, 33.0, (128, 128), 8)[0].double(), ref, atol=1e-5)
+    assert warp_back(t.bfloat16(), 33.0, (128, 128), 8)[0].dtype == torch.bfloat16
+
+
+def test_rotated_crops_match_one_by_one():
+    torch.manual_seed(0)
+    scene = torch.randn(3, 300, 280)
+    labels = torch.randint(0, 4, (300, 280))
+    centers = [(150, 140), (100, 90), (200.5, 180.5), (20, 30), (150, 200)]  # one clipped, one off-grid
+    for th in (0.0, 90.0, 15.0, 233.0):
+        many = rotated_crops(scene, centers, (64, 48), th)
+        one = torch.stack([rotated_crop(scene, c, (64, 48), th) for c in centers])
+        assert many.shape == (5, 3, 64, 48) and torch.allclose(many, one, atol=1e-6)
+        lm = rotated_crops(labels, centers, (64, 48), th, mode="nearest")
+        assert torch.equal(lm, torch.stack([rotated_crop(labels, c, (64, 48), th, mode="nearest") for c in centers]))
+    with pytest.raises(ValueError, match="at least one centre"):
+        rotated_crops(scene, [], (8, 8), 10)
 
 
 # ---------------------------------------------------------------- align_attention

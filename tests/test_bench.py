@@ -1,0 +1,32 @@
+"""The benchmark script runs (smoke preset: tiny model, 64x64, one repeat) and writes the figures the
+performance issue asks for. Wall-clock values are never asserted: only that they exist and are sane."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+REQUIRED = ("hook_overhead", "mars_over_rotaug_step", "batched_over_two_single", "mars_attention_over_rotaug_memory",
+            "sweep_linearity", "train_images_per_s.rotaug", "train_images_per_s.mars-hybrid",
+            "sweep_images_per_s.rotaug", "sweep_images_per_s.mars-hybrid")
+
+
+@pytest.mark.slow
+def test_bench_smoke_writes_the_required_figures(root, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(root / "bench" / "bench_mars.py"), "--preset", "smoke", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(out.read_text())
+    for k in REQUIRED:
+        assert isinstance(res[k], float) and math.isfinite(res[k]) and res[k] > 0, (k, res.get(k))
+    assert res["preset"] == "smoke" and res["device"] == "cpu" and res["cpu_cores"] >= 1
+    assert res["memory_mb.rotaug"] > 0 and "RSS" in res["memory_method"]
+    assert "hook_overhead" in proc.stdout and "goal" in proc.stdout  # the table
+
+
+def test_bench_rejects_bad_arguments(root):
+    proc = subprocess.run([sys.executable, str(root / "bench" / "bench_mars.py"), "--preset", "huge"],
+                          capture_output=True, text=True, timeout=120, cwd=root)
+    assert proc.returncode != 0 and "invalid choice" in proc.stderr and "tiny" in proc.stderr
