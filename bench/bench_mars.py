@@ -17,6 +17,9 @@ Method
 - Times: `time.perf_counter` around each call (CUDA: synchronized), variants interleaved within each
   repeat (A B C A B C ...) so that drift hits all alike, the median over `--repeats` after
   `--warmup` discarded repeats. Every variant sees the same batches in the same order.
+- Hook overhead: what the hooks add is far below the scatter of one forward, so plain and hooked
+  forwards run in back-to-back pairs and the overhead is 1 + median(hooked - plain) / median(plain);
+  `hook_overhead_of_medians` is the plain ratio of the two medians, for comparison.
 - A training step is what Lightning runs per batch: `on_train_batch_start`, `training_step`,
   `backward`, `AdamW.step`, `zero_grad`. Batches come from `ViewPairs`/`collate_pairs` with view-2
   angles drawn uniformly in [0, 360) (the default ablation's policy), so warp-backs take the
@@ -31,16 +34,19 @@ Method
   before the model was built.
 - The machine: `other_load_cores` is the CPU time other processes took during the run, in cores;
   above 0.05 the table warns that the timings are distorted (2 cores shared give nonsense).
-- Sweep: `mars_nb.evaluate.sweep` over the 24 angles 0, 15, ..., 345 against a one-angle sweep at
-  0 degrees (exactly one angle's work: tile building, one prediction pass, IoU and consistency;
-  a single non-zero angle would also need the upright reference pass and halve the ratio); the
-  one-angle time is the mean of 4 calls per repeat, the median taken over repeats as everywhere.
+- Sweep: `mars_nb.evaluate.sweep` over the 24 angles 0, 15, ..., 345 against the sum of its parts:
+  the upright pass alone (a sweep of [0]) plus the extra cost of each other angle, measured as a sweep
+  of [0, 90] (a quarter turn: exact, no resampling) or [0, 45] (bilinear) minus the upright one. The 24
+  angles hold 3 quarter turns and 20 others, so sweep_linearity = t(24) / (t0 + 3 m90 + 20 m45): 1.0
+  when a sweep costs what its angles cost, above it when something is paid per call or grows with the
+  number of angles. (`sweep_over_24_upright` is t(24) / (24 t0): it also counts the resampling and the
+  rotating back that only non-zero angles do.) Short sweeps are repeated 4 times per call and averaged.
 
 Presets: `tiny` (128x128, 8 images per view), `small` (tiny widened and deepened, 192x192, 4 per view),
 `r50` (the paper's ResNet-50 Mask2Former at 128x128, 2 per view, fewer repeats), `r50-512` (for a GPU:
 512x512, bf16) and `smoke` (seconds; for the tests).
 
-Usage: python bench/bench_mars.py --preset tiny --preset small [--repeats N] [--out-dir reports]
+Usage: python bench/bench_mars.py --preset tiny --preset r50 [--repeats N] [--out-dir reports]   # make bench
        python bench/bench_mars.py --preset r50-512 --device cuda          # -> reports/bench-gpu.json
 Each preset writes one flat {"name": value} JSON file (the figures of one preset on one machine, with
 the machine and settings as fields): `bench.json` for tiny on CPU (the headline figures),
@@ -78,19 +84,19 @@ _ALL = ("none", "rotaug", "mars-hybrid", "mars-attention", "mars-pixel", "mars-b
 _NEEDED = ("none", "rotaug", "mars-hybrid", "mars-attention")
 PRESETS = {
     "tiny": dict(model="tiny", overrides={}, crop=128, batch=8, variants=_ALL, repeats=7, warmup=2,
-                 sweep_tiles=None, sweep_batch=16, sweep_repeats=5, memory_steps=3),
+                 sweep_tiles=None, sweep_batch=16, sweep_repeats=5, hook_pairs=80, memory_steps=3),
     "small": dict(model="tiny", crop=192, batch=4, variants=_ALL, repeats=5, warmup=2,
                   overrides=dict(backbone_config=dict(hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2]),
                                  feature_size=128, mask_feature_size=128, hidden_dim=128, encoder_layers=2,
                                  encoder_feedforward_dim=256, decoder_layers=6, num_attention_heads=8,
                                  dim_feedforward=256, num_queries=50, train_num_points=4096),
-                  sweep_tiles=None, sweep_batch=8, sweep_repeats=2, memory_steps=2),
-    "r50": dict(model="r50", overrides={}, crop=128, batch=2, variants=_NEEDED, repeats=3, warmup=1,
-                sweep_tiles=4, sweep_batch=4, sweep_repeats=2, memory_steps=1),
+                  sweep_tiles=None, sweep_batch=8, sweep_repeats=2, hook_pairs=40, memory_steps=2),
+    "r50": dict(model="r50", overrides={}, crop=128, batch=2, variants=_NEEDED, repeats=12, warmup=1,
+                sweep_tiles=4, sweep_batch=4, sweep_repeats=2, hook_pairs=30, memory_steps=1),
     "r50-512": dict(model="r50", overrides={}, crop=512, batch=4, variants=_ALL, repeats=7, warmup=3,
-                    sweep_tiles=None, sweep_batch=8, sweep_repeats=3, memory_steps=3),   # GPU
+                    sweep_tiles=None, sweep_batch=8, sweep_repeats=3, hook_pairs=40, memory_steps=3),   # GPU
     "smoke": dict(model="tiny", overrides={}, crop=64, batch=2, variants=_NEEDED, repeats=1, warmup=0,
-                  sweep_tiles=2, sweep_batch=2, sweep_repeats=1, memory_steps=1),      # tests: does it run
+                  sweep_tiles=2, sweep_batch=2, sweep_repeats=1, hook_pairs=2, memory_steps=1),      # tests: does it run
 }
 
 VARIANTS = {  # name -> (training mode, MARS config)
@@ -167,9 +173,18 @@ def clock(fn, device: str) -> float:
     return time.perf_counter() - t
 
 
-def interleaved(fns: dict, repeats: int, warmup: int, device: str) -> dict[str, float]:
-    "Median seconds per call of every function in `fns`, called in turn, `warmup` rounds discarded."
-    times = {k: [] for k in fns}
+def spread(times: list[float]) -> float | None:
+    "Interquartile range over the median: how much one repeat scatters (the median's error is smaller)."
+    if len(times) < 4:
+        return None
+    q1, _, q3 = statistics.quantiles(times, n=4)
+    return (q3 - q1) / statistics.median(times)
+
+
+def interleaved(fns: dict, repeats: int, warmup: int, device: str, raw: dict | None = None) -> dict[str, float]:
+    "Median seconds per call of every function in `fns`, called in turn, `warmup` rounds discarded (all times into `raw`)."
+    times = {k: [] for k in fns} if raw is None else raw
+    times.update({k: [] for k in fns})
     names = list(fns)
     for r in range(warmup + repeats):
         order = names[r % len(names):] + names[:r % len(names)]  # rotate the order: no variant always goes first
@@ -239,7 +254,12 @@ class Bench:
 
 # ---------------------------------------------------------------------------------------------- measurements
 def bench_hooks(b: Bench) -> dict:
-    "Forward of the two-view batch with every hybrid tap hooked (Taps built per forward, as in training) vs plain."
+    """Forward of the two-view batch with every hybrid tap hooked (Taps built per forward, as in training) vs plain.
+
+    What the hooks add (a dict lookup and a reference per tap, the `Taps` object per step) is a fraction of a
+    millisecond, below the scatter of one forward on a shared CPU (a few percent). So the two are timed in
+    `hook_pairs` back-to-back pairs (order alternating) and the overhead is the median of the paired
+    differences over the median plain forward: drift that hits both halves of a pair cancels."""
     from mars_nb.losses import MarsLoss
     mod, _ = b.module("rotaug")
     model = mod.model.train()
@@ -257,9 +277,23 @@ def bench_hooks(b: Bench) -> dict:
         taps.check()
         del out, taps
 
-    # a forward is a fraction of a step and the effect is small: three times the repeats
-    t = interleaved({"plain": plain, "hooked": hooked}, 3 * b.repeats, b.warmup, b.device)
-    return {"forward_s.plain": t["plain"], "forward_s.hooked": t["hooked"], "hook_overhead": t["hooked"] / t["plain"]}
+    def setup(i):  # the machinery alone: build the Taps, register and remove every hook (no forward)
+        with mars.taps(model):
+            pass
+
+    raw: dict = {}
+    interleaved({"plain": plain, "hooked": hooked}, b.spec["hook_pairs"], b.warmup, b.device, raw)
+    diffs = np.array(raw["hooked"]) - np.array(raw["plain"])
+    t_plain = statistics.median(raw["plain"])
+    # 95% interval of the median paired difference (bootstrap): how far the ratio could be from the truth
+    boot = np.median(np.random.default_rng(0).choice(diffs, (2000, len(diffs))), axis=1)
+    lo, hi = np.quantile(boot, [0.025, 0.975])
+    t_setup = interleaved({"setup": setup}, 200, 5, b.device)["setup"]
+    return {"forward_s.plain": t_plain, "forward_s.hooked": statistics.median(raw["hooked"]),
+            "hook_pairs": len(diffs), "hook_overhead": 1 + float(np.median(diffs)) / t_plain,
+            "hook_overhead_ci95_lo": 1 + float(lo) / t_plain, "hook_overhead_ci95_hi": 1 + float(hi) / t_plain,
+            "hook_overhead_of_medians": statistics.median(raw["hooked"]) / t_plain,
+            "hook_setup_s": t_setup}
 
 
 def bench_steps(b: Bench) -> tuple[dict, dict]:
@@ -274,9 +308,12 @@ def bench_steps(b: Bench) -> tuple[dict, dict]:
         two(i)
 
     fns["two-single"] = two_single
-    t = interleaved(fns, b.repeats, b.warmup, b.device)
+    raw: dict = {}
+    t = interleaved(fns, b.repeats, b.warmup, b.device, raw)
     B = b.spec["batch"]
     out = {f"step_s.{v}": t[v] for v in fns}
+    spreads = [x for x in map(spread, raw.values()) if x is not None]
+    out["step_spread"] = statistics.median(spreads) if spreads else None
     for v in variants:
         out[f"train_images_per_s.{v}"] = (B if v == "none" else 2 * B) / t[v]
     out["mars_over_rotaug_step"] = t["mars-hybrid"] / t["rotaug"]
@@ -300,7 +337,7 @@ class _Tiles:
 
 
 def bench_sweep(b: Bench, mods: dict) -> dict:
-    "24-angle sweep against a one-angle sweep (0 degrees), for the models of the sweep variants."
+    "A 24-angle sweep against the sum of its parts (upright pass, extra cost of a quarter turn and of another angle)."
     from mars_nb.evaluate import sweep
     ds = _Tiles(b.ds, b.spec["sweep_tiles"])
     n_tiles = len(ds.test_tiles("test", b.spec["crop"]))
@@ -312,20 +349,30 @@ def bench_sweep(b: Bench, mods: dict) -> dict:
         def run(i, model=model, angles=SWEEP_ANGLES):
             with b.autocast():
                 sweep(model, ds, angles, **kw)
-        def run_one(i, run=run):  # short: averaged over a few calls, or its noise would dominate the ratio
-            for _ in range(ONE_ANGLE_CALLS):
-                run(i, angles=(0.0,))
+        def parts(angles):
+            def f(i, run=run):  # short: averaged over a few calls, or its noise would dominate the ratio
+                for _ in range(ONE_ANGLE_CALLS):
+                    run(i, angles=angles)
+            return f
         fns[f"{v}/24"] = run
-        fns[f"{v}/1"] = run_one
+        fns[f"{v}/0"] = parts((0.0,))
+        fns[f"{v}/0+90"] = parts((0.0, 90.0))
+        fns[f"{v}/0+45"] = parts((0.0, 45.0))
     t = interleaved(fns, b.spec["sweep_repeats"], 1 if b.warmup else 0, b.device)
     out = {"sweep_tiles": n_tiles}
+    lin, upright = [], []
+    n_quarter = sum(a % 90 == 0 for a in SWEEP_ANGLES) - 1
+    n_other = len(SWEEP_ANGLES) - 1 - n_quarter
     for v in SWEEP_VARIANTS:
-        t[f"{v}/1"] /= ONE_ANGLE_CALLS
+        t0, t90, t45 = (t[f"{v}/{k}"] / ONE_ANGLE_CALLS for k in ("0", "0+90", "0+45"))
         out[f"sweep_s.{v}"] = t[f"{v}/24"]
-        out[f"sweep_one_angle_s.{v}"] = t[f"{v}/1"]
+        out[f"sweep_one_angle_s.{v}"] = t0
+        out[f"sweep_extra_s_90.{v}"], out[f"sweep_extra_s_45.{v}"] = t90 - t0, t45 - t0
         out[f"sweep_images_per_s.{v}"] = n_tiles * len(SWEEP_ANGLES) / t[f"{v}/24"]
-    lin = [t[f"{v}/24"] / (len(SWEEP_ANGLES) * t[f"{v}/1"]) for v in SWEEP_VARIANTS]
+        lin.append(t[f"{v}/24"] / (t0 + n_quarter * (t90 - t0) + n_other * (t45 - t0)))
+        upright.append(t[f"{v}/24"] / (len(SWEEP_ANGLES) * t0))
     out["sweep_linearity"] = statistics.mean(lin)
+    out["sweep_over_24_upright"] = statistics.mean(upright)
     return out
 
 
@@ -443,10 +490,17 @@ def table(res: dict) -> str:
                      f"{res[f'train_images_per_s.{v}']:11.1f} {'' if sw is None else f'{sw:11.1f}':>11s} "
                      f"{'' if mem is None else f'{mem:8.1f}':>8s}")
     lines.append(f"{'two single steps':16s} {res['step_s.two-single']:8.4f} {res['step_s.two-single'] / rot:8.3f}")
-    lines.append(f"data: {res['data_s_per_batch']:.4f} s to sample and collate one batch of pairs (not in the steps)")
+    sc = "n/a" if res["step_spread"] is None else f"{100 * res['step_spread']:.0f}%"
+    lines.append(f"step times scatter by {sc} (interquartile range / median of the repeats); "
+                 f"data: {res['data_s_per_batch']:.4f} s to sample and collate one batch of pairs (not in the steps)")
+    lo, hi = res["hook_overhead_ci95_lo"], res["hook_overhead_ci95_hi"]
+    lines.append(f"hook_overhead: median of {res['hook_pairs']} paired differences, 95% interval {lo:.3f}..{hi:.3f}; "
+                 f"building, attaching and removing the taps alone takes {1000 * res['hook_setup_s']:.2f} ms "
+                 f"({100 * res['hook_setup_s'] / res['forward_s.plain']:.1f}% of a forward)")
     lines.append(f"forward plain {res['forward_s.plain']:.4f} s, hooked {res['forward_s.hooked']:.4f} s; sweep "
-                 f"{res['sweep_tiles']} tiles x 24 angles {res['sweep_s.rotaug']:.2f} s, one angle "
-                 f"{res['sweep_one_angle_s.rotaug']:.3f} s; memory: {res['memory_method']}; "
+                 f"{res['sweep_tiles']} tiles x 24 angles {res['sweep_s.rotaug']:.2f} s, upright alone "
+                 f"{res['sweep_one_angle_s.rotaug']:.3f} s, a quarter turn +{res['sweep_extra_s_90.rotaug']:.3f} s, "
+                 f"45 degrees +{res['sweep_extra_s_45.rotaug']:.3f} s (24 x upright: {res['sweep_over_24_upright']:.3f}); memory: {res['memory_method']}; "
                  f"benchmark took {res['bench_seconds']:.0f} s")
     other = res.get("other_load_cores")
     if other is not None and other > 0.05:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import time
 import traceback
@@ -21,11 +20,11 @@ from pathlib import Path
 
 import yaml
 
-from .train import RUN_PARAMS, ConfigError, config_from_params
+from .train import RUN_PARAMS, ConfigError, FolderLock, config_from_params
 
 # %% auto #0
-__all__ = ['GRID_KEYS', 'default_template', 'GridError', 'Run', 'load_grid', 'shard_runs', 'is_done', 'execute', 'run_grid',
-           'main']
+__all__ = ['GRID_KEYS', 'default_template', 'GridError', 'Run', 'load_grid', 'shard_runs', 'is_done', 'changed_params', 'execute',
+           'run_grid', 'run_parallel', 'main']
 
 # %% ../nbs/07_ablate.ipynb #c005
 GRID_KEYS = ("out", "datasets", "seeds", "shared", "configs")
@@ -72,7 +71,7 @@ def load_grid(path: str | Path, out: str | Path | None = None, **overrides) -> l
     path = Path(path)
     try: text = path.read_text()
     except OSError as e: raise GridError(f"cannot read grid file {path}: {e.strerror}") from None
-    try: data, lines = yaml.safe_load(text), _key_lines(yaml.compose(text), source=str(path))
+    try: data, lines = yaml.safe_load(text), _key_lines(yaml.compose(text, Loader=yaml.SafeLoader), source=str(path))
     except yaml.YAMLError as e: raise GridError(f"{path} is not valid YAML: {e}") from None
     where = lambda *keys: f"{path}:{lines.get(tuple(keys), 1)}"
     if not isinstance(data, dict): raise GridError(f"{path}:1: a grid is a mapping with keys {list(GRID_KEYS)}")
@@ -119,32 +118,17 @@ def shard_runs(runs: list[Run], shard: str | None) -> list[Run]:
 def is_done(run: Run) -> bool: return (run.out_dir / "done.json").exists()
 
 
+def changed_params(run: Run) -> dict:
+    "Parameters that a finished run's `done.json` records differently from `run.params` (device aside): {key: (then, now)}."
+    try: then = json.loads((run.out_dir / "done.json").read_text()).get("params", {})
+    except (OSError, ValueError, AttributeError): return {}
+    now = json.loads(json.dumps(run.params, default=str))
+    return {k: (then.get(k), now.get(k)) for k in sorted((then.keys() | now.keys()) - {"device"}) if then.get(k) != now.get(k)}
+
+
 def _write_json(path: Path, obj: dict):
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str)); tmp.replace(path)
-
-
-def _claim(run: Run) -> bool:
-    "Create the run's lock file; False if a live process on this host holds it."
-    run.out_dir.mkdir(parents=True, exist_ok=True)
-    lock = run.out_dir / ".lock"
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            os.write(fd, f"{socket.gethostname()} {os.getpid()}".encode()); os.close(fd)
-            return True
-        except FileExistsError:
-            host, _, pid = lock.read_text().partition(" ")
-            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
-                lock.unlink(missing_ok=True); continue            # stale: its runner died
-            return False
-    return False
-
-
-def _alive(pid: int) -> bool:
-    try: os.kill(pid, 0); return True
-    except ProcessLookupError: return False
-    except PermissionError: return True
 
 
 def execute(run: Run, template: Path | None = None, kernel: str = "python3") -> None:
@@ -162,9 +146,19 @@ def run_grid(runs: list[Run], execute=execute, progress: bool = True) -> dict:
     bar = tqdm(runs, desc="grid", unit="run", disable=not progress)
     for run in bar:
         bar.set_postfix_str(run.name)
-        if is_done(run) or not _claim(run): summary["skipped"].append(run.name); continue
+        if is_done(run):
+            diff = changed_params(run)
+            if diff:
+                said = "; ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in diff.items())
+                summary["failed"][run.name] = (f"finished earlier with other parameters ({said}); its results are "
+                                               f"kept: remove {run.out_dir} to run it again")
+            else: summary["skipped"].append(run.name)
+            continue
+        lock = FolderLock(run.out_dir / ".lock")
+        if not lock.acquire(): summary["skipped"].append(run.name); continue     # another live runner has it
         t0 = time.time()
         try:
+            if is_done(run): summary["skipped"].append(run.name); continue       # finished by it meanwhile
             (run.out_dir / "error.txt").unlink(missing_ok=True)
             execute(run)
             _write_json(run.out_dir / "done.json", {"name": run.name, "config": run.config, "dataset": run.dataset,
@@ -174,10 +168,55 @@ def run_grid(runs: list[Run], execute=execute, progress: bool = True) -> dict:
             (run.out_dir / "error.txt").write_text("".join(traceback.format_exception(e)))
             summary["failed"][run.name] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
         finally:
-            (run.out_dir / ".lock").unlink(missing_ok=True)
+            lock.release()
     return summary
 
 # %% ../nbs/07_ablate.ipynb #c011
+_CHILD = "import sys; from mars_nb.ablate import main; sys.exit(main(sys.argv[1:]))"
+
+
+def run_parallel(argv: list[str], runs: list[Run], jobs: int, cores: int | None = None, poll: float = 2.0,
+                 progress: bool = True) -> dict:
+    """`jobs` runner processes on the grid of `argv` (the command line without `--jobs`), `cores // jobs` threads each.
+    Returns the merged summary {'ran', 'skipped', 'failed'} over `runs`."""
+    import subprocess, tempfile  # noqa: E401, PLC0415
+    from tqdm.auto import tqdm  # noqa: PLC0415
+    if jobs < 1: raise GridError(f"--jobs must be at least 1, got {jobs}")
+    threads = max(1, (cores or os.cpu_count() or 1) // jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    with tempfile.TemporaryDirectory() as tmp:
+        outs = [Path(tmp) / f"runner{i}.json" for i in range(jobs)]
+        procs = [subprocess.Popen([sys.executable, "-c", _CHILD, *argv, "--no-report", "--quiet", "--summary", str(o)],
+                                  env=env) for o in outs]
+        bar = tqdm(total=len(runs), desc=f"grid ({jobs} runners x {threads} threads)", unit="run", disable=not progress)
+        try:
+            while any(p.poll() is None for p in procs):
+                bar.n = sum(is_done(r) for r in runs); bar.refresh(); time.sleep(poll)
+        finally:
+            for p in procs:
+                if p.poll() is None: p.terminate()
+            for p in procs: p.wait()
+            bar.n = sum(is_done(r) for r in runs); bar.close()
+        parts = [json.loads(o.read_text()) for o in outs if o.exists()]
+    if len(parts) < jobs:
+        codes = [p.returncode for p in procs]
+        raise RuntimeError(f"{jobs - len(parts)} of {jobs} runners ended without a summary (exit codes {codes})")
+    ran = [n for part in parts for n in part["ran"]]
+    failed = {k: v for part in parts for k, v in part["failed"].items()}
+    return {"ran": ran, "skipped": [r.name for r in runs if r.name not in ran and r.name not in failed], "failed": failed}
+
+# %% ../nbs/07_ablate.ipynb #c013
+def _without_jobs(argv: list[str]) -> list[str]:
+    "The command line minus `--jobs N` / `--jobs=N` (what each runner started by `--jobs` gets)."
+    out, skip = [], False
+    for x in argv:
+        if skip: skip = False; continue
+        if x == "--jobs": skip = True; continue
+        if x.startswith("--jobs="): continue
+        out.append(x)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     "Console entry point `mars-ablate`."
     ap = argparse.ArgumentParser(prog="mars-ablate", description="Run a MARS ablation grid and write its report.")
@@ -189,6 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the device of every run")
     ap.add_argument("--preset", help="override the model preset of every run")
     ap.add_argument("--no-report", action="store_true", help="skip writing figures and tables")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runners on this machine at once, sharing its cores (default 1; 2 on a 2-core CPU is 1.25x faster)")
+    ap.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)   # runners started by --jobs
+    ap.add_argument("--summary", help=argparse.SUPPRESS)                      # where such a runner leaves its summary
+    argv = sys.argv[1:] if argv is None else list(argv)
     a = ap.parse_args(argv)
     try:
         runs = load_grid(a.grid, out=a.out, steps=a.steps, device=a.device, preset=a.preset)
@@ -196,12 +240,23 @@ def main(argv: list[str] | None = None) -> int:
     except GridError as e:
         print(f"error: {e}", file=sys.stderr); return 2
     if a.dry_run:
-        for r in runs: print(f"{'done' if is_done(r) else 'todo'}  {r.name}  -> {r.out_dir}")
+        for r in runs: print(f"{('changed' if changed_params(r) else 'done') if is_done(r) else 'todo'}  {r.name}  -> {r.out_dir}")
         return 0
     t0 = time.time()
-    s = run_grid(runs)
+    if a.jobs != 1:
+        try:
+            s = run_parallel(_without_jobs(argv), runs, a.jobs)
+        except GridError as e:
+            print(f"error: {e}", file=sys.stderr); return 2
+    else:
+        s = run_grid(runs, progress=not a.quiet)
+    if a.summary: _write_json(Path(a.summary), s)
+    if a.quiet: return 1 if s["failed"] else 0
     print(f"grid: {len(s['ran'])} ran, {len(s['skipped'])} skipped, {len(s['failed'])} failed in {time.time() - t0:.0f} s")
-    for name, err in s["failed"].items(): print(f"  FAILED {name}: {err}  (see {name}/error.txt)")
+    for r in runs:
+        if r.name in s["failed"]:
+            see = f"  (see {r.out_dir / 'error.txt'})" if (r.out_dir / "error.txt").exists() else ""
+            print(f"  FAILED {r.name}: {s['failed'][r.name]}{see}")
     if not a.no_report and runs:
         from mars_nb.report import write_report  # noqa: PLC0415
         write_report(runs[0].out_dir.parent.parent)

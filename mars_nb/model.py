@@ -186,6 +186,8 @@ def predict_semantic(model: Mask2FormerForUniversalSegmentation, images: Tensor)
         x, (H, W) = pad_to_multiple(images, 32)
         out = model(pixel_values=x)
         probs = semantic_probs(out.class_queries_logits, out.masks_queries_logits, x.shape[-2:])
-        return probs[..., :H, :W].argmax(1)
+        # argmax over classes with the classes last: on CPU a reduction across the strided channel axis of
+        # [B, K, H, W] takes ~16x longer than the copy that makes it contiguous (a third of a sweep's time)
+        return probs[..., :H, :W].movedim(1, -1).contiguous().argmax(-1)
     finally:
         model.train(was_training)

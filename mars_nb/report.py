@@ -245,13 +245,19 @@ def write_readme(root: Path, runs: pd.DataFrame, table: pd.DataFrame, figures: l
     (root / "README.md").write_text("\n".join(text))
 
 # %% ../nbs/08_report.ipynb #c018
-def write_report(root: str | Path, order: list[str] | None = None, panels: bool = True) -> pd.DataFrame:
-    "Every figure under `root/figures`, `summary.csv`, `summary.md`, `runs.csv` and `README.md` for the runs under `root`."
+def write_report(root: str | Path, order: list[str] | None = None, panels: bool = True,
+                 dest: str | Path | None = None) -> pd.DataFrame:
+    """Every figure under `dest/figures`, `summary.csv`, `summary.md`, `runs.csv` and `README.md` for the runs
+    under `root` (`dest`: where the report goes, default `root` itself)."""
     import matplotlib.pyplot as plt  # noqa: PLC0415
     root = Path(root)
     runs, sweeps = collect(root)
     order = order or config_order(runs["config"])
-    figdir = root / "figures"; figdir.mkdir(parents=True, exist_ok=True)
+    unknown = sorted(set(runs["config"]) - set(order))
+    if unknown:
+        raise ValueError(f"order {order} leaves out the configurations {unknown} of the runs under {root}")
+    out = root if dest is None else Path(dest)
+    figdir = out / "figures"; figdir.mkdir(parents=True, exist_ok=True)
     table = summary_table(runs, order)
     figs = {"iou_vs_angle.png": plot_metric_vs_angle(sweeps, "fg_iou", order, "foreground IoU"),
             "consistency_vs_angle.png": plot_metric_vs_angle(sweeps, "consistency", order, "prediction consistency (IoU vs upright)"),
@@ -267,8 +273,8 @@ def write_report(root: str | Path, order: list[str] | None = None, panels: bool 
             if fig is not None: figs[f"attention_{tag}.png"] = fig
     for name, fig in figs.items():
         fig.savefig(figdir / name, dpi=120, bbox_inches="tight"); plt.close(fig)
-    table.to_csv(root / "summary.csv", index=False)
-    (root / "summary.md").write_text(to_markdown(table))
-    runs.to_csv(root / "runs.csv", index=False)
-    write_readme(root, runs, table, list(figs))
+    table.to_csv(out / "summary.csv", index=False)
+    (out / "summary.md").write_text(to_markdown(table))
+    runs.to_csv(out / "runs.csv", index=False)
+    write_readme(out, runs, table, list(figs))
     return table

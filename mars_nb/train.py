@@ -9,6 +9,8 @@ Docs: https://github.com/mars-nb/mars_nb/train.html.md"""
 from __future__ import annotations
 
 import math
+import os
+import socket
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -18,15 +20,21 @@ import lightning as L
 import numpy as np
 import torch
 import yaml
+from lightning.pytorch.plugins import TorchCheckpointIO
 
-from .data import load_dataset
-from .model import build_model, semantic_targets
+from .data import DATASETS, SPLITS, load_dataset
+from .model import PRESET_NAMES, build_model, preset_config, semantic_targets
+
+try: import fcntl
+except ImportError: fcntl = None     # Windows: locks fall back to exclusive file creation
 
 # %% auto #0
-__all__ = ['MODES', 'RUN_PARAMS', 'ConfigError', 'from_dict', 'YamlConfig', 'AnglePolicy', 'DataConfig', 'ModelConfig',
-           'TrainConfig', 'EvalConfig', 'RunConfig', 'ViewPairs', 'StepSampler', 'collate_pairs', 'ViewPairData',
-           'dataset_for', 'mars_loss_for', 'MarsModule', 'warmup_poly', 'NonFiniteLoss', 'check_finite',
-           'resolve_device', 'make_trainer', 'fit', 'load_trained', 'read_log', 'config_from_params']
+__all__ = ['MODES', 'STRIDE', 'RESUME_FREE', 'RUN_PARAMS', 'ConfigError', 'from_dict', 'YamlConfig', 'AnglePolicy', 'DataConfig',
+           'ModelConfig', 'TrainConfig', 'EvalConfig', 'RunConfig', 'ViewPairs', 'StepSampler', 'collate_pairs',
+           'ViewPairData', 'dataset_for', 'mars_loss_for', 'MarsModule', 'warmup_poly', 'NonFiniteLoss', 'check_finite',
+           'check_weights_finite', 'resolve_device', 'make_trainer', 'RunLocked', 'FolderLock', 'SafeCheckpointIO',
+           'read_checkpoint', 'config_diff', 'check_resumable', 'preflight', 'save_weights', 'fit', 'load_trained',
+           'read_log', 'config_from_params']
 
 # %% ../nbs/05_train.ipynb #c005
 class ConfigError(ValueError):
@@ -102,11 +110,14 @@ class YamlConfig:
 
     @classmethod
     def from_yaml(cls, src: str | Path):
-        "Read a config from a YAML file or string; a malformed file is a `ConfigError` naming the line."
-        text = Path(src).read_text() if isinstance(src, Path) or (isinstance(src, str) and "\n" not in src and Path(src).exists()) else src
+        "Read a config from a YAML file or a YAML string; a missing or malformed file is a `ConfigError` naming it."
+        is_file = isinstance(src, Path) or ("\n" not in src and (src.rstrip().endswith((".yaml", ".yml")) or Path(src).exists()))
+        name = str(src) if is_file else "config"
+        try: text = Path(src).read_text() if is_file else src
+        except OSError as e: raise ConfigError(f"cannot read config file {src}: {e.strerror}") from None
         try: data = yaml.safe_load(text)
-        except yaml.YAMLError as e: raise ConfigError(f"{src if isinstance(src, Path) else 'config'} is not valid YAML: {e}") from None
-        if not isinstance(data, dict): raise ConfigError(f"a config must be a mapping at the top level, got {data!r}")
+        except yaml.YAMLError as e: raise ConfigError(f"{name} is not valid YAML: {e}") from None
+        if not isinstance(data, dict): raise ConfigError(f"{name}: a config must be a mapping at the top level, got {data!r}")
         return from_dict(cls, data)
 
 # %% ../nbs/05_train.ipynb #c007
@@ -120,7 +131,7 @@ class AnglePolicy(YamlConfig):
         if self.kind not in ("discrete", "range"):
             raise ConfigError(f"angle policy kind {self.kind!r} is not 'discrete' or 'range'")
         if not self.values: raise ConfigError("angle policy has no angles; give e.g. values=[90, 180, 270]")
-        if any(not -360 <= v <= 360 for v in self.values):
+        if any(not -360 <= v <= 360 for v in self.values):   # also catches NaN
             raise ConfigError(f"angles {self.values} must lie in [-360, 360] degrees")
         if self.kind == "range" and (len(self.values) != 2 or self.values[0] >= self.values[1]):
             raise ConfigError(f"a range policy needs values=[lo, hi] with lo < hi, got {self.values}")
@@ -136,8 +147,20 @@ class AnglePolicy(YamlConfig):
         if not ok: raise ConfigError(f"angle {angle} is outside the policy {self.kind} {self.values}")
         return angle
 
-# %% ../nbs/05_train.ipynb #c009
+# %% ../nbs/05_train.ipynb #c010
 MODES = ("none", "rotaug", "mars")
+STRIDE = 32        # Mask2Former's coarsest stride: training crops are a multiple of it
+
+
+def _need(ok: bool, msg: str):
+    if not ok: raise ConfigError(msg)
+
+
+def _finite(x: float) -> bool: return math.isfinite(x)
+
+
+_KINDS = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}   # override types a preset value admits
+
 
 @dataclass
 class DataConfig(YamlConfig):
@@ -147,12 +170,37 @@ class DataConfig(YamlConfig):
     crop: int = 128                   # training crop and test tile size (pixels, multiple of 32)
     batch_size: int = 8               # images per view per step
 
+    def __post_init__(self):
+        _need(self.dataset in DATASETS, f"dataset {self.dataset!r} is not one of {list(DATASETS)}")
+        _need(self.dataset != "folder" or bool(self.root),
+              "dataset 'folder' needs root=<a folder with images/ and masks/>")
+        _need(self.dataset == "folder" or self.root is None,
+              f"root={self.root!r} is only read for dataset 'folder', not {self.dataset!r}")
+        lo = max(STRIDE, self.crop // STRIDE * STRIDE)
+        _need(self.crop >= STRIDE and self.crop % STRIDE == 0,
+              f"crop {self.crop} must be a positive multiple of {STRIDE} (Mask2Former's coarsest stride), e.g. {lo} or {lo + STRIDE}")
+        _need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+
 @dataclass
 class ModelConfig(YamlConfig):
     "Which Mask2Former: a preset name, optionally a local path / hub id, and config overrides."
     preset: str = "tiny"
     pretrained: str | None = None
     overrides: dict[str, typing.Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        _need(self.preset in PRESET_NAMES, f"preset {self.preset!r} is not one of {list(PRESET_NAMES)}")
+        _need(self.preset != "pretrained" or bool(self.pretrained),
+              "preset 'pretrained' needs pretrained=<a local directory or hub id>")
+        if self.preset != "pretrained" and self.overrides:
+            base = preset_config(self.preset)
+            for k, v in self.overrides.items():                       # a number where the preset has a number, ...
+                d = getattr(base, k, None)
+                kinds = _KINDS.get(type(d))
+                if kinds and (not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds)):
+                    raise ConfigError(f"model overrides: {k} must be {type(d).__name__} like the preset's {d!r}, got {v!r}")
+            try: preset_config(self.preset, **self.overrides)       # names every unknown override key
+            except Exception as e: raise ConfigError(f"model overrides: {e}") from None  # noqa: BLE001 (transformers' own checks)
 
 @dataclass
 class TrainConfig(YamlConfig):
@@ -175,7 +223,10 @@ class TrainConfig(YamlConfig):
         if self.device not in ("auto", "cpu", "cuda"): raise ConfigError(f"device {self.device!r} is not 'auto', 'cpu' or 'cuda'")
         for k in ("steps", "ckpt_every", "log_every", "devices"):
             if getattr(self, k) < 1: raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
-        if self.lr <= 0: raise ConfigError(f"lr must be > 0, got {self.lr}")
+        _need(_finite(self.lr) and self.lr > 0, f"lr must be a finite number > 0, got {self.lr}")
+        _need(_finite(self.weight_decay) and self.weight_decay >= 0, f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        _need(self.warmup >= 0, f"warmup must be >= 0 steps, got {self.warmup}")
+        _need(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
 
 @dataclass
 class EvalConfig(YamlConfig):
@@ -183,6 +234,12 @@ class EvalConfig(YamlConfig):
     angles: list[float] = field(default_factory=lambda: [float(a) for a in range(0, 360, 15)])
     batch_size: int = 16
     split: str = "test"
+
+    def __post_init__(self):
+        _need(len(self.angles) > 0 and all(_finite(a) for a in self.angles),
+              f"eval angles must be a non-empty list of finite degrees, e.g. [0, 15, ..., 345]; got {self.angles}")
+        _need(self.batch_size >= 1, f"eval batch_size must be >= 1, got {self.batch_size}")
+        _need(self.split in SPLITS, f"eval split {self.split!r} is not one of {list(SPLITS)}")
 
 @dataclass
 class RunConfig(YamlConfig):
@@ -194,7 +251,13 @@ class RunConfig(YamlConfig):
     mars: dict[str, typing.Any] = field(default_factory=dict)   # MARS loss settings (mode `mars`)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
-# %% ../nbs/05_train.ipynb #c013
+    def __post_init__(self):
+        if self.mars:     # checked in every mode, so a typo in a grid's shared MARS settings never waits for a mars run
+            from mars_nb.losses import resolve_config  # noqa: PLC0415
+            try: resolve_config(self.mars)
+            except ValueError as e: raise ConfigError(f"mars: {e}") from None
+
+# %% ../nbs/05_train.ipynb #c014
 class ViewPairs(torch.utils.data.Dataset):
     "Training pairs `(x, R_θ x)` with labels; item `i` is a pure function of `(seed, i)`."
     def __init__(self, ds, crop: int, batch_size: int, policy: AnglePolicy, seed: int, split: str = "train"):
@@ -213,11 +276,16 @@ class ViewPairs(torch.utils.data.Dataset):
 
 
 class StepSampler(torch.utils.data.Sampler):
-    "Indices of the global batches `start..steps-1` for one rank, in order."
+    """Indices of the global batches `start..steps-1` for one rank, in order.
+
+    Its length is the whole run's (`steps` batches), also when it starts at `start`: Lightning restores how
+    many batches of the epoch a killed run had done and ends the epoch when that count reaches the loader's
+    length, so a length of only the remaining batches would stop a run resumed at step s after
+    `steps - s` batches in all (a 600-step run killed after its checkpoint at step 200 ended at step 400)."""
     def __init__(self, start: int, steps: int, batch_size: int, rank: int = 0, world: int = 1):
         self.start, self.steps, self.batch_size, self.rank, self.world = start, steps, batch_size, rank, world
 
-    def __len__(self): return max(self.steps - self.start, 0) * self.batch_size
+    def __len__(self): return self.steps * self.batch_size
 
     def __iter__(self):
         for s in range(self.start, self.steps):
@@ -233,7 +301,7 @@ def collate_pairs(items: list[dict]) -> dict:
     out["angle"] = angles.pop()
     return out
 
-# %% ../nbs/05_train.ipynb #c015
+# %% ../nbs/05_train.ipynb #c016
 class ViewPairData(L.LightningDataModule):
     "The training stream for a `RunConfig`; restarts where the trainer's `global_step` says."
     def __init__(self, cfg: RunConfig, ds=None):
@@ -255,7 +323,7 @@ def dataset_for(cfg: RunConfig):
     kw = {"root": cfg.data.root} if cfg.data.dataset == "folder" else {}
     return load_dataset(cfg.data.dataset, **kw)
 
-# %% ../nbs/05_train.ipynb #c017
+# %% ../nbs/05_train.ipynb #c018
 def mars_loss_for(cfg: RunConfig, model):
     "The MARS loss module and its taps for a run in mode `mars` (None otherwise)."
     if cfg.train.mode != "mars": return None
@@ -284,6 +352,10 @@ class MarsModule(L.LightningModule):
         torch.manual_seed(hash((self.cfg.train.seed, self.global_step, self.global_rank)) % 2**63)
 
     def _views(self, batch: dict):
+        h, w = batch["image1"].shape[-2:]
+        if h % STRIDE or w % STRIDE:     # a hand-made loader must give what DataConfig.crop guarantees
+            raise ValueError(f"training images are {h}x{w}; both sides must be multiples of {STRIDE}: crop them (e.g. to "
+                             f"{max(STRIDE, h // STRIDE * STRIDE)}x{max(STRIDE, w // STRIDE * STRIDE)}), training does not pad")
         if self.cfg.train.mode == "none": return batch["image1"], batch["label1"]
         self.cfg.train.angles.check(batch["angle"])      # a hand-made loader must respect the policy too
         return torch.cat([batch["image1"], batch["image2"]]), torch.cat([batch["label1"], batch["label2"]])
@@ -308,6 +380,10 @@ class MarsModule(L.LightningModule):
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
         return loss
 
+    def on_save_checkpoint(self, checkpoint: dict):
+        # a checkpoint is where a resumed run starts: never replace the last good one with broken weights
+        check_weights_finite(self.model, self.global_step)
+
     def configure_optimizers(self):
         t = self.cfg.train
         params = [p for p in self.parameters() if p.requires_grad]
@@ -323,17 +399,34 @@ def warmup_poly(step: int, warmup: int, total: int, power: float = 0.9) -> float
 
 
 class NonFiniteLoss(FloatingPointError):
-    "A loss term became NaN or infinite."
+    "A loss term or a weight became NaN or infinite."
+
+_SUMS = ("mars/total", "total")   # sums of other terms: non-finite because one of their parts is
 
 
 def check_finite(terms: dict, step: int):
-    "Raise `NonFiniteLoss` naming every term that is not finite (one host sync per step)."
+    "Raise `NonFiniteLoss` naming the terms that are not finite, parts before sums (one host sync per step)."
     vals = torch.stack([v.detach().float().reshape(()) for v in terms.values()])
     if bool(torch.isfinite(vals).all()): return
-    bad = [k for k, v in zip(terms, vals.tolist()) if not math.isfinite(v)]
-    raise NonFiniteLoss(f"non-finite loss at step {step}: {', '.join(bad)}; the last good checkpoint is kept")
+    bad = {k: v for k, v in zip(terms, vals.tolist()) if not math.isfinite(v)}
+    first = [k for k in bad if k not in _SUMS] or list(bad)
+    also = [k for k in bad if k not in first]
+    raise NonFiniteLoss(f"non-finite loss at step {step}: {', '.join(f'{k}={bad[k]}' for k in first)}"
+                        + (f" (and so {', '.join(also)})" if also else "")
+                        + "; training stopped and the last good checkpoint (checkpoints/last.ckpt) is kept. "
+                        "Try a lower lr or MARS weight, or check the data")
 
-# %% ../nbs/05_train.ipynb #c020
+
+def check_weights_finite(model: torch.nn.Module, step: int):
+    "Raise `NonFiniteLoss` naming the parameters of `model` that hold NaN or inf (one host sync)."
+    named = list(model.named_parameters())
+    ok = torch.stack([torch.isfinite(p.detach()).all() for _, p in named])
+    if bool(ok.all()): return
+    bad = [n for (n, _), good in zip(named, ok.tolist()) if not good]
+    raise NonFiniteLoss(f"weights {', '.join(bad[:3])}{f' and {len(bad) - 3} more' if len(bad) > 3 else ''} are not finite "
+                        f"after step {step}; nothing is saved and the last good checkpoint is kept")
+
+# %% ../nbs/05_train.ipynb #c021
 def resolve_device(device: str, precision: str = "auto") -> tuple[str, str]:
     "Accelerator and precision for `device` ('auto', 'cpu', 'cuda')."
     if device == "cuda" and not torch.cuda.is_available():
@@ -351,9 +444,10 @@ def make_trainer(cfg: RunConfig, out_dir: str | Path, progress: bool = True, **o
     acc, precision = resolve_device(t.device, t.precision)
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0,
                            every_n_train_steps=t.ckpt_every, enable_version_counter=False)
-    # one log folder per attempt, so a resumed run never overwrites what the interrupted one logged
+    # one log folder per attempt, so a resumed run never overwrites what the interrupted one logged; rows are
+    # written as they come, so a killed attempt keeps every step it logged
     attempt = f"attempt{len(list((out / 'logs').glob('attempt*')))}"
-    loggers = [CSVLogger(out, name="logs", version=attempt)]
+    loggers = [CSVLogger(out, name="logs", version=attempt, flush_logs_every_n_steps=1)]
     try:
         import tensorboard  # noqa: F401, PLC0415
         loggers.append(TensorBoardLogger(out, name="tensorboard", version=attempt, default_hp_metric=False))
@@ -361,36 +455,197 @@ def make_trainer(cfg: RunConfig, out_dir: str | Path, progress: bool = True, **o
     kw = dict(accelerator=acc, devices=t.devices, precision=precision, max_steps=t.steps, max_epochs=1,
               logger=loggers, callbacks=[ckpt], log_every_n_steps=t.log_every, enable_progress_bar=progress,
               enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0,
-              default_root_dir=out, deterministic=False)
+              default_root_dir=out, deterministic=False, plugins=[SafeCheckpointIO()])
     if t.devices > 1 and acc == "cpu": kw["strategy"] = "ddp"
     return L.Trainer(**{**kw, **overrides})
 
-# %% ../nbs/05_train.ipynb #c022
+# %% ../nbs/05_train.ipynb #c023
+class RunLocked(RuntimeError):
+    "A run folder is in use by another live process."
+
+
+class FolderLock:
+    """An exclusive lock on the file `path`, held by this process until `release` or its death (the operating
+    system drops it). `acquire` never waits: it returns False while another process holds the lock."""
+    def __init__(self, path: str | Path):
+        self.path, self._f = Path(path), None
+
+    def acquire(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if fcntl is None:
+            try: self._f = os.fdopen(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY), "w")
+            except FileExistsError: return False
+        else:
+            while True:
+                f = open(self.path, "a+")
+                try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError: f.close(); return False
+                except OSError: break           # a file system without locks: go on unprotected rather than never run
+                try: same = os.fstat(f.fileno()).st_ino == os.stat(self.path).st_ino
+                except FileNotFoundError: same = False
+                if same: break
+                f.close()   # the holder released (and removed) the file between our open and our lock: again
+            f.seek(0); f.truncate()
+            self._f = f
+        self._f.write(f"{socket.gethostname()} {os.getpid()}\n"); self._f.flush()
+        return True
+
+    def holder(self) -> str:
+        "'host pid' of the holder, as it wrote it ('' if unknown)."
+        try: return self.path.read_text().strip()
+        except OSError: return ""
+
+    def release(self):
+        if self._f is None: return
+        try: self.path.unlink(missing_ok=True)
+        finally: self._f.close(); self._f = None
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints written atomically (a temporary file in the same folder, then a rename) and read with
+    `weights_only=True`."""
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f); f.flush(); os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally: tmp.unlink(missing_ok=True)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        return read_checkpoint(path, "cpu" if map_location is None else map_location)   # Lightning moves it on
+
+
+def read_checkpoint(path: str | Path, map_location="cpu", mmap: bool = False) -> dict:
+    "A training checkpoint, loaded with `weights_only=True`; an unreadable file is an error that names it."
+    if not Path(path).exists(): raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try: return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as e:  # noqa: BLE001  (truncated, not a checkpoint, or holding objects weights_only refuses)
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise RuntimeError(f"checkpoint {path} cannot be read ({type(e).__name__}: {msg}); it is incomplete or not a "
+                           "checkpoint of mars_nb: delete it to train the run from the start") from None
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    "Nested dicts as {dotted key: leaf value}; an empty dict has no leaves, like a missing one."
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict): out.update(_flat(v, f"{prefix}{k}."))
+        else: out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_diff(old: dict, new: dict, free: tuple = ()) -> dict:
+    "Dotted keys whose values differ between two config dicts, as {key: (old, new)}; keys under `free` left out."
+    a, b = _flat(old), _flat(new)
+    kept = lambda k: not any(k == f or k.startswith(f + ".") for f in free)
+    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if kept(k) and a.get(k) != b.get(k)}
+
+
+RESUME_FREE = ("name", "train.device", "train.ckpt_every", "train.log_every", "eval")
+"Config keys a resumed run may change: none of them changes what is trained."
+
+
+def check_resumable(ckpt: str | Path, cfg: RunConfig, num_labels: int, num_channels: int):
+    "Raise `ConfigError` naming every difference if checkpoint `ckpt` was written by another configuration than `cfg`."
+    hp = read_checkpoint(ckpt, mmap=True).get("hyper_parameters") or {}
+    if not isinstance(hp.get("config"), dict):
+        raise ConfigError(f"{ckpt} holds no mars_nb run config (it was not written by `fit`): move it away to train here")
+    diff = config_diff(hp["config"], cfg.to_dict(), RESUME_FREE)
+    for k, v in (("num_labels", num_labels), ("num_channels", num_channels)):
+        if hp.get(k) != v: diff[f"dataset {k}"] = (hp.get(k), v)
+    if diff:
+        said = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in list(diff.items())[:8])
+        raise ConfigError(f"{ckpt} was written by another configuration ({said}{'; ...' if len(diff) > 8 else ''}). "
+                          f"Resuming would mix two runs: give this configuration another out_dir, or delete "
+                          f"{Path(ckpt).parent} to train it from the start here")
+
+
+def preflight(cfg: RunConfig, ds):
+    "Fail now if a training crop does not fit the train split or the evaluation split has no test tile of that size."
+    ds.sample_views("train", cfg.data.crop, 0.0, np.random.default_rng(0))   # its own generator: the stream is untouched
+    ds.test_tiles(cfg.eval.split, cfg.data.crop)
+
+
+def _is_first_process() -> bool:
+    "False in the extra processes that DDP launchers start (they run the same script and call `fit` as well)."
+    return all(os.environ.get(k, "0") == "0" for k in ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID"))
+
+
+def save_weights(model: torch.nn.Module, path: str | Path, cfg: RunConfig):
+    "Write `model`'s weights to `path` as safetensors, atomically, with `cfg` (YAML) in the file's metadata."
+    from safetensors.torch import save_file  # noqa: PLC0415
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata={"mars_nb.config": cfg.to_yaml()})
+        os.replace(tmp, path)
+    finally: tmp.unlink(missing_ok=True)
+
+# %% ../nbs/05_train.ipynb #c025
 def fit(cfg: RunConfig, out_dir: str | Path, progress: bool = True, ds=None, **trainer_kw) -> MarsModule:
     "Train `cfg` into `out_dir` (config.yaml, checkpoints/, logs/, model.safetensors); resumes if interrupted."
-    from safetensors.torch import save_file  # noqa: PLC0415
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
-    cfg.to_yaml(out / "config.yaml")
-    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    data = ViewPairData(cfg, ds)
-    module = MarsModule(cfg.to_dict(), num_labels=data.ds.num_classes, num_channels=data.ds.num_channels)
-    trainer = make_trainer(cfg, out, progress=progress, **trainer_kw)
-    last = out / "checkpoints" / "last.ckpt"
-    trainer.fit(module, datamodule=data, ckpt_path=last if last.exists() else None)
-    if trainer.is_global_zero:
-        save_file({k: v.contiguous() for k, v in module.model.state_dict().items()}, str(out / "model.safetensors"))
-    return module
+    lock, first = FolderLock(out / ".fit.lock"), _is_first_process()
+    if first and not lock.acquire():
+        raise RunLocked(f"run folder {out} is being trained by another process ({lock.holder() or 'unknown'}); two "
+                        "trainings in one folder would mix their checkpoints: wait for it, or give another out_dir")
+    try:
+        for tmp in [*out.glob(".*.tmp"), *out.glob("checkpoints/.*.tmp")] if first else []:
+            tmp.unlink(missing_ok=True)     # halves of files whose writer was killed; we hold the folder's lock
+        L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+        data = ViewPairData(cfg, ds)
+        last = out / "checkpoints" / "last.ckpt"
+        if last.exists(): check_resumable(last, cfg, data.ds.num_classes, data.ds.num_channels)
+        preflight(cfg, data.ds)
+        cfg.to_yaml(out / "config.yaml")
+        module = MarsModule(cfg.to_dict(), num_labels=data.ds.num_classes, num_channels=data.ds.num_channels)
+        trainer = make_trainer(cfg, out, progress=progress, **trainer_kw)
+        trainer.fit(module, datamodule=data, ckpt_path=last if last.exists() else None)
+        goal = min(cfg.train.steps, trainer.max_steps if trainer.max_steps > 0 else cfg.train.steps)
+        if trainer.interrupted or trainer.global_step < goal:     # never pass a run that stopped short off as finished
+            raise RuntimeError(f"training of {out} stopped at step {trainer.global_step} of {goal}; run it again to resume")
+        if trainer.is_global_zero:
+            check_weights_finite(module.model, trainer.global_step)
+            save_weights(module.model, out / "model.safetensors", cfg)
+        return module
+    finally:
+        lock.release()
 
 
 def load_trained(run_dir: str | Path, map_location: str = "cpu"):
-    "The trained Mask2Former of a finished run (config.yaml + model.safetensors; no pickle involved)."
+    """The trained Mask2Former of a finished run (config.yaml + model.safetensors; no pickle involved). Weights
+    that do not belong to the run's config are an error naming both."""
+    from safetensors import safe_open  # noqa: PLC0415
     from safetensors.torch import load_file  # noqa: PLC0415
     run = Path(run_dir)
     cfg = RunConfig.from_yaml(run / "config.yaml")
+    path = run / "model.safetensors"
+    if not path.exists():
+        why = ("its training was interrupted: run it again to resume from checkpoints/last.ckpt"
+               if (run / "checkpoints" / "last.ckpt").exists() else "it has not been trained")
+        raise FileNotFoundError(f"{run} has no model.safetensors: {why}")
+    with safe_open(str(path), "pt") as f: meta = f.metadata() or {}
+    defining = lambda c: {"model": c["model"], "data": {k: c["data"][k] for k in ("dataset", "root")}}
+    if "mars_nb.config" in meta:
+        diff = config_diff(defining(RunConfig.from_yaml(meta["mars_nb.config"]).to_dict()), defining(cfg.to_dict()))
+        if diff:
+            said = "; ".join(f"{k}: {a!r} in the weights, {b!r} in config.yaml" for k, (a, b) in diff.items())
+            raise ConfigError(f"{path} was trained with another configuration than {run / 'config.yaml'} ({said})")
     ds = dataset_for(cfg)
     m = cfg.model
     model = build_model(m.preset, num_labels=ds.num_classes, num_channels=ds.num_channels, pretrained=m.pretrained, **m.overrides)
-    model.load_state_dict(load_file(str(run / "model.safetensors"), device=map_location))
+    state, own = load_file(str(path), device=map_location), model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} in the file, {tuple(own[k].shape)} for the config" for k, v in state.items()
+             if k in own and v.shape != own[k].shape]
+    missing, extra = own.keys() - state.keys(), state.keys() - own.keys()
+    if wrong or missing or extra:
+        raise ConfigError(f"{path} does not fit the model of {run / 'config.yaml'} (preset {m.preset!r}, overrides "
+                          f"{m.overrides}, {ds.num_classes} classes, {ds.num_channels} channels): "
+                          f"{len(wrong)} tensor(s) of another shape{' (' + '; '.join(wrong[:3]) + ')' if wrong else ''}, "
+                          f"{len(missing)} missing, {len(extra)} unexpected")
+    model.load_state_dict(state)
     return model.eval(), cfg
 
 
@@ -403,7 +658,7 @@ def read_log(run_dir: str | Path):
     df = pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
     return df.groupby("step").last().reset_index()
 
-# %% ../nbs/05_train.ipynb #c027
+# %% ../nbs/05_train.ipynb #c032
 RUN_PARAMS = ("name", "dataset", "root", "mode", "preset", "pretrained", "overrides", "steps", "crop", "batch_size",
               "lr", "train_angles", "eval_angles", "seed", "device", "devices", "mars")
 
@@ -412,14 +667,15 @@ def config_from_params(**params) -> RunConfig:
     unknown = sorted(set(params) - set(RUN_PARAMS))
     if unknown: raise ConfigError(f"unknown run parameter(s) {unknown}; valid parameters are {list(RUN_PARAMS)}")
     p = {k: v for k, v in params.items() if v is not None}
-    angles = p.get("train_angles")
+    angles, mars = p.get("train_angles"), p.get("mars")
     if angles is not None and not isinstance(angles, dict): angles = {"kind": "discrete", "values": angles}
+    if isinstance(mars, str): mars = {"preset": mars}          # mars="hybrid" is short for {"preset": "hybrid"}
     tree = {
         "name": p.get("name"),
         "data": {k: p[k] for k in ("dataset", "root", "crop", "batch_size") if k in p},
         "model": {"preset": p.get("preset"), "pretrained": p.get("pretrained"), "overrides": p.get("overrides")},
         "train": {**{k: p[k] for k in ("mode", "steps", "lr", "seed", "device", "devices") if k in p}, "angles": angles},
-        "mars": p.get("mars"),
+        "mars": mars,
         "eval": {"angles": p.get("eval_angles")},
     }
     prune = lambda d: {k: prune(v) if isinstance(v, dict) and k not in ("mars", "overrides") else v

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from mars_nb.ablate import GridError, Run, load_grid, main, run_grid, shard_runs
+from mars_nb.train import FolderLock
 
 GRID = """\
 out: {out}
@@ -44,6 +45,16 @@ def test_expansion(grid, tmp_path):
     ("configs:\n  a: {mode: none, seed: 3}\n", "'seed' is set by the grid itself"),
     ("configs: [a, b\n", "not valid YAML"),
     ("- a\n- b\n", "a grid is a mapping"),
+    ("seeds: [0.5]\nconfigs:\n  a: {mode: none}\n", ":1: seeds must be a non-empty list of int, got [0.5]"),
+    ("datasets: [mars]\nconfigs:\n  a: {mode: none}\n", "dataset 'mars' is not one of ['craters', 'nuclei', 'folder']"),
+    ("configs:\n  a: {mode: none, steps: 0}\n", ":2: config 'a': steps must be >= 1, got 0"),
+    ("shared: {batch_size: 0}\nconfigs:\n  a: {mode: none}\n", "batch_size must be >= 1, got 0"),
+    ("configs:\n  a: {mode: none, crop: 100}\n", "crop 100 must be a positive multiple of 32"),
+    ("configs:\n  a: {mode: mars, mars: {preset: hybird}}\n", "unknown MARS preset 'hybird'; valid: backbone, pixel"),
+    ("configs:\n  a: {mode: mars, mars: {stages: {backbone: {weight: -0.1}}}}\n", "must be a finite number >= 0, got -0.1"),
+    ("configs:\n  a: {mode: none, train_angles: []}\n", "angle policy has no angles"),
+    ("configs:\n  a: {mode: none, eval_angles: []}\n", "eval angles must be a non-empty list"),
+    ("configs: !!python/object/apply:os.getcwd []\n", "not valid YAML"),
 ])
 def test_bad_grids_name_the_line(tmp_path, text, needle):
     p = tmp_path / "g.yaml"
@@ -51,6 +62,11 @@ def test_bad_grids_name_the_line(tmp_path, text, needle):
     with pytest.raises(GridError) as e:
         load_grid(p)
     assert needle in str(e.value) and str(p) in str(e.value)
+
+
+def test_missing_grid_file_is_named(tmp_path):
+    with pytest.raises(GridError, match=r"cannot read grid file .*nope\.yaml"):
+        load_grid(tmp_path / "nope.yaml")
 
 
 def test_duplicate_config_names_are_rejected(tmp_path):
@@ -89,15 +105,62 @@ def test_finished_skipped_failed_recorded_others_go_on(grid):
 
 
 def test_a_run_held_by_a_live_runner_is_skipped(grid):
-    import os, socket
+    import socket
     runs = load_grid(grid)
-    runs[0].out_dir.mkdir(parents=True)
-    (runs[0].out_dir / ".lock").write_text(f"{socket.gethostname()} {os.getpid()}")   # held by us: alive
-    (runs[1].out_dir).mkdir(parents=True)
-    (runs[1].out_dir / ".lock").write_text(f"{socket.gethostname()} 999999999")       # stale: dead pid
+    held = FolderLock(runs[0].out_dir / ".lock")                # a live runner holds run 0
+    assert held.acquire()
+    runs[1].out_dir.mkdir(parents=True)
+    (runs[1].out_dir / ".lock").write_text(f"{socket.gethostname()} 999999999")   # left by a runner that died
     seen = []
-    s = run_grid(runs[:2], execute=lambda r: seen.append(r.name), progress=False)
+    try:
+        s = run_grid(runs[:2], execute=lambda r: seen.append(r.name), progress=False)
+    finally:
+        held.release()
     assert seen == [runs[1].name] and s["skipped"] == [runs[0].name]
+    assert not (runs[1].out_dir / ".lock").exists()
+
+
+def test_a_second_runner_skips_the_run_in_progress(grid):
+    runs = load_grid(grid)[:3]
+    seen, second = [], {}
+
+    def execute(run):
+        seen.append(run.name)
+        if run is runs[0]:      # a second runner is started on the same grid while run 0 is running
+            second.update(run_grid(runs, execute=execute, progress=False))
+
+    first = run_grid(runs, execute=execute, progress=False)
+    assert sorted(seen) == sorted(r.name for r in runs), "a run ran twice or not at all"
+    assert second["skipped"] == [runs[0].name] and second["ran"] == [runs[1].name, runs[2].name]
+    assert first["ran"] == [runs[0].name] and first["skipped"] == [runs[1].name, runs[2].name]
+
+
+def test_a_run_finished_by_another_runner_meanwhile_is_not_run_again(grid, monkeypatch):
+    from mars_nb import ablate
+    runs = load_grid(grid)[:2]
+    seen = []
+    run_grid(runs[:1], execute=lambda r: seen.append(r.name), progress=False)     # the other runner finished run 0 ...
+    real, looks = ablate.is_done, []
+
+    def stale(run):                                                              # ... just after this one looked
+        looks.append(run.name)
+        return False if looks.count(run.name) == 1 else real(run)
+
+    monkeypatch.setattr(ablate, "is_done", stale)
+    s = run_grid(runs, execute=lambda r: seen.append(r.name), progress=False)
+    assert seen == [runs[0].name, runs[1].name] and s["skipped"] == [runs[0].name] and s["ran"] == [runs[1].name]
+
+
+def test_a_finished_run_with_other_parameters_is_reported_not_passed_off(grid, capsys):
+    name = load_grid(grid)[0].name
+    run_grid(load_grid(grid)[:1], execute=lambda r: None, progress=False)
+    seen = []
+    s = run_grid(load_grid(grid, steps=5)[:1], execute=lambda r: seen.append(r.name), progress=False)
+    assert seen == [] and "finished earlier with other parameters (steps: 2 then, 5 now)" in s["failed"][name]
+    assert "remove" in s["failed"][name]
+    assert run_grid(load_grid(grid, device="cpu")[:1], execute=seen.append, progress=False)["skipped"] == [name]
+    assert main([str(grid), "--dry-run", "--steps", "5"]) == 0
+    assert f"changed  {name}" in capsys.readouterr().out
 
 
 def test_cli_dry_run_and_bad_grid(grid, tmp_path, capsys):
@@ -108,3 +171,26 @@ def test_cli_dry_run_and_bad_grid(grid, tmp_path, capsys):
     bad.write_text("configs:\n  a: {mode: nonsense}\n")
     assert main([str(bad), "--dry-run"]) == 2
     assert "mode 'nonsense'" in capsys.readouterr().err
+
+
+def test_jobs_runners_share_the_grid_each_run_once(tmp_path, capsys):
+    """`--jobs 2` starts two real runners (papermill, one thread each) that split a small grid: every run is done
+    by exactly one of them (one training attempt, one done.json), and the summary counts every run once."""
+    p = tmp_path / "grid.yaml"
+    p.write_text(f"out: {tmp_path / 'out'}\ndatasets: [nuclei]\nseeds: [0]\n"
+                 "shared: {steps: 2, crop: 64, batch_size: 2, eval_angles: [0, 90]}\n"
+                 "configs:\n  none: {mode: none}\n  rotaug: {mode: rotaug}\n")
+    assert main([str(p), "--jobs", "2", "--no-report"]) == 0
+    runs = load_grid(p)
+    assert "2 ran, 0 skipped, 0 failed" in capsys.readouterr().out
+    for r in runs:
+        done = json.loads((r.out_dir / "done.json").read_text())
+        assert done["name"] == r.name and (r.out_dir / "run.ipynb").exists()
+        assert sorted(d.name for d in (r.out_dir / "logs").iterdir()) == ["attempt0"], r.name   # trained once
+    assert main([str(p), "--jobs", "2", "--no-report"]) == 0                                    # all done: nothing runs
+    assert "0 ran, 2 skipped, 0 failed" in capsys.readouterr().out
+
+
+def test_jobs_must_be_positive(grid, capsys):
+    assert main([str(grid), "--jobs", "0"]) == 2
+    assert "--jobs must be at least 1" in capsys.readouterr().err

@@ -37,3 +37,27 @@ def test_bad_parameter_stops_before_training(tmp_path):
         pm.execute_notebook(str(TEMPLATE), str(tmp_path / "run.ipynb"), kernel_name="python3", progress_bar=False,
                             parameters={"steps": "ten", "out_dir": str(tmp_path)})
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_report_notebook_rebuilds_the_committed_report_elsewhere(tmp_path):
+    """The report notebook reads the committed runs and writes the whole report to `dest`, leaving reports/ alone."""
+    reports = ROOT / "reports"
+    before = (reports / "summary.csv").read_text()
+    pm.execute_notebook(str(ROOT / "nbs" / "experiments" / "report.ipynb"), str(tmp_path / "report.ipynb"),
+                        kernel_name="python3", progress_bar=False, cwd=str(tmp_path),
+                        parameters={"root": str(reports), "dest": str(tmp_path / "out"), "panels": False})
+    out = tmp_path / "out"
+    figures = {p.name for p in (out / "figures").glob("*.png")}
+    assert {"iou_vs_angle.png", "consistency_vs_angle.png", "summary_bars.png", "training_curves.png",
+            "feature_consistency.png"} <= figures
+    summary = (out / "summary.csv").read_text().splitlines()
+    assert summary[0].startswith("dataset,config") and len(summary) > 1
+    assert "## Reading" in (out / "README.md").read_text()
+    assert (reports / "summary.csv").read_text() == before
+
+
+def test_report_notebook_without_runs_says_what_to_do(tmp_path):
+    with pytest.raises(pm.PapermillExecutionError, match="no finished run"):
+        pm.execute_notebook(str(ROOT / "nbs" / "experiments" / "report.ipynb"), str(tmp_path / "report.ipynb"),
+                            kernel_name="python3", progress_bar=False, cwd=str(tmp_path),
+                            parameters={"root": str(tmp_path)})

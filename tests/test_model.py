@@ -184,3 +184,17 @@ def test_adapt_input_channels_other_counts():
     assert m(pixel_values=torch.randn(1, 2, 64, 64)).masks_queries_logits.shape[-2:] == (16, 16)
     with pytest.raises(ValueError):
         adapt_input_channels(m, 0)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (20, 45), (33, 31), (64, 70)])
+def test_images_smaller_than_a_stride_or_not_a_multiple_of_32_are_padded(tiny, size):
+    "By design inference pads any image bottom/right to a multiple of 32 (training crops must be multiples instead)."
+    tiny.eval()
+    x = torch.randn(2, 1, *size)
+    pred = predict_semantic(tiny, x)
+    assert pred.shape == (2, *size) and pred.dtype == torch.long
+    xp, hw = pad_to_multiple(x, 32)
+    assert hw == size and xp.shape[-2] % 32 == 0 and xp.shape[-1] % 32 == 0 and xp.shape[-2] >= 32
+    assert torch.equal(predict_semantic(tiny, xp)[:, :size[0], :size[1]], pred), "not the padded image's prediction"
+    with pytest.raises(ValueError, match=rf"images must be \[B, C, H, W\], got shape \(1, {size[0]}, {size[1]}\)"):
+        predict_semantic(tiny, x[0])
