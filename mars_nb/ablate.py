@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from .train import RUN_PARAMS, ConfigError, FolderLock, config_from_params
+from .train import RUN_PARAMS, ConfigError, FolderLock, config_diff, config_from_params
 
 # %% auto #0
 __all__ = ['GRID_KEYS', 'default_template', 'GridError', 'Run', 'load_grid', 'shard_runs', 'is_done', 'changed_params', 'execute',
@@ -122,8 +122,7 @@ def changed_params(run: Run) -> dict:
     "Parameters that a finished run's `done.json` records differently from `run.params` (device aside): {key: (then, now)}."
     try: then = json.loads((run.out_dir / "done.json").read_text()).get("params", {})
     except (OSError, ValueError, AttributeError): return {}
-    now = json.loads(json.dumps(run.params, default=str))
-    return {k: (then.get(k), now.get(k)) for k in sorted((then.keys() | now.keys()) - {"device"}) if then.get(k) != now.get(k)}
+    return config_diff(then, json.loads(json.dumps(run.params, default=str)), free=("device",))
 
 
 def _write_json(path: Path, obj: dict):
