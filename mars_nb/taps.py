@@ -9,30 +9,49 @@ Docs: https://github.com/mars-nb/mars_nb/taps.html.md"""
 # %% ../nbs/03_taps.ipynb #c002
 from __future__ import annotations
 
+import copy
 import difflib
 import fnmatch
-from dataclasses import dataclass, field
+import warnings
+import weakref
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .views import Lattice
+
 # %% auto #0
-__all__ = ['FAMILIES', 'STAGES', 'TAP_STRIDES', 'TapSpec', 'first_tensor', 'resolve_paths', 'Taps', 'find_family', 'tap_stride',
-           'stage_taps', 'split_views']
+__all__ = ['STAGES', 'HYBRID', 'TAP_NAMES', 'LAYOUTS', 'FAMILIES', 'TapMeta', 'TapSpec', 'first_tensor', 'class_distribution',
+           'resolve_paths', 'Taps', 'TapLayout', 'find_family', 'd4_symmetrized', 'measure_lattice', 'tap_meta',
+           'level_specs', 'stage_taps', 'split_views']
 
 # %% ../nbs/03_taps.ipynb #c005
+@dataclass(frozen=True)
+class TapMeta:
+    "Geometry of one tap: its `lattice`, `channels` (feature maps), attention `level` and that level's grid `hw`."
+    lattice: Lattice
+    channels: int | None = None
+    level: int | None = None                  # attention: index of the multi-scale level it attends (0..2 = ms0..ms2)
+    hw: tuple[int, int] | None = None         # attention: (h, w) of that level in the last forward
+
+    @property
+    def stride(self) -> int:
+        return self.lattice.stride
+
+
 @dataclass
 class TapSpec:
-    "One captured tensor: `name`, the module `path` it comes from and how to pick it (see the notebook)."
+    "One captured tensor: `name`, the module `path` it comes from and how to pick it (see above)."
     name: str
     path: str
     select: Callable[..., Any] | None = None  # output -> Tensor, or (args, kwargs) -> Tensor when pre=True
     pre: bool = False                         # forward-pre-hook on the module's inputs
     attention: bool = False                   # nn.MultiheadAttention: capture its attention weights
-    stride: int | None = None                 # image pixels per cell of the captured map
-    level: int | None = None                  # attention: index of the multi-scale level it attends
+    meta: TapMeta | None = None               # lattice, channels, level (None for an ad-hoc path)
 
 # %% ../nbs/03_taps.ipynb #c007
 def first_tensor(out: Any) -> Tensor | None:
@@ -70,10 +89,27 @@ def _predictor_input(args, kwargs, which: str, i: int | None = None):
         return x[i]
     return args[1] if len(args) > 1 else kwargs["mask_features"]
 
+
+def class_distribution(class_logits: Tensor, mask_logits: Tensor, eps: float = 1e-6) -> Tensor:
+    """Per-pixel class distribution `[B, K, h, w]` of Mask2Former's semantic inference: the scores
+    Σ_q softmax(class_q)[k] · sigmoid(mask_q) of each real class k, normalized over the classes."""
+    s = torch.einsum("bqk,bqhw->bkhw", class_logits.softmax(-1)[..., :-1], mask_logits.sigmoid())
+    return (s + eps) / (s.sum(1, keepdim=True) + eps * s.shape[1])
+
+
+def _hf_output(out):                  # HF Mask2FormerForUniversalSegmentation output
+    return class_distribution(out.class_queries_logits, out.masks_queries_logits)
+
+
+def _d2_output(out):                  # detectron2 predictor output dict
+    return class_distribution(out["pred_logits"], out["pred_masks"])
+
 # %% ../nbs/03_taps.ipynb #c009
 def resolve_paths(model: nn.Module, pattern: str, names: Sequence[str] | None = None) -> list[str]:
-    """Module paths of `model` matching `pattern` (exact or fnmatch glob); ValueError naming close matches if none.
-    `names`: the model's module paths when the caller already has them (one walk of the model for many patterns)."""
+    """Module paths of `model` matching `pattern` (exact or fnmatch glob; `""` is the model itself); ValueError
+    naming close matches if none. `names`: the model's module paths when the caller already has them."""
+    if pattern == "":
+        return [""]
     names = [n for n, _ in model.named_modules() if n] if names is None else names
     if pattern in names:
         return [pattern]
@@ -105,7 +141,7 @@ class Taps:
 
     `specs`: `TapSpec`s (e.g. from `stage_taps`) and/or path strings (globs allowed).
     After the forward: `.captured` name -> tensor (autograd graph kept unless `detach`),
-    `.meta` name -> dict(stride, level, hw) with each attention tap's grid `hw` of this forward,
+    `.meta` name -> `TapMeta` (lattice, channels, level; each attention tap's grid `hw` of this forward),
     `.check()` raises if a tap captured nothing. `per_head=True`: attention as [B, heads, Q, h*w]."""
 
     def __init__(self, model: nn.Module, specs: Iterable[TapSpec | str], detach: bool = False, per_head: bool = False,
@@ -136,7 +172,7 @@ class Taps:
         # shape-only taps giving the (h, w) of each attention level: level -> spec of that level's map
         if grids is None and any(s.attention for s in self.specs.values()):
             try:
-                grids = _level_specs(model)
+                grids = level_specs(model)
             except ValueError:  # not a known family: attention grids stay unknown (meta hw None)
                 grids = {}
         self.grid_specs = dict(grids or {})
@@ -216,14 +252,10 @@ class Taps:
         return list(self.specs)
 
     @property
-    def meta(self) -> dict[str, dict]:
-        "name -> dict(stride, level, hw): `hw` is the attention level's grid (h, w) in the last forward, else None."
-        return {n: dict(stride=s.stride, level=s.level, hw=self.level_hw.get(s.level) if s.attention else None)
-                for n, s in self.specs.items()}
-
-    @property
-    def strides(self) -> dict[str, int | None]:
-        return {n: s.stride for n, s in self.specs.items()}
+    def meta(self) -> dict[str, TapMeta]:
+        "name -> `TapMeta` of every tap that has one; attention taps get their level's grid (h, w) of the last forward."
+        return {n: replace(s.meta, hw=self.level_hw.get(s.meta.level)) if s.attention else s.meta
+                for n, s in self.specs.items() if s.meta is not None}
 
     def check(self) -> "Taps":
         "Raise RuntimeError naming every tap that captured nothing (wrong module, or one that never runs)."
@@ -242,15 +274,109 @@ class Taps:
         return f"Taps({len(self.specs)} taps: {self.names}, detach={self.detach}, per_head={self.per_head})"
 
 # %% ../nbs/03_taps.ipynb #c014
-FAMILIES = ("hf", "detectron2")
-STAGES = ("backbone", "pixel_decoder", "attention")
+STAGES = ("backbone", "pixel_decoder", "attention", "output")
+"Where MARS can tap, in data-flow order. `hybrid` is the three internal stages."
 
-TAP_STRIDES: dict[str, int] = {
-    "backbone.res2": 4, "backbone.res3": 8, "backbone.res4": 16, "backbone.res5": 32,
-    "pixel_decoder.mask_features": 4,
-    "pixel_decoder.ms0": 32, "pixel_decoder.ms1": 16, "pixel_decoder.ms2": 8,
+HYBRID = STAGES[:3]
+
+TAP_NAMES: dict[str, tuple[str, ...]] = {
+    "backbone": ("res2", "res3", "res4", "res5"),
+    "pixel_decoder": ("mask_features", "ms0", "ms1", "ms2"),
+    "attention": ("layer{i}",),
+    "output": ("classes",),
 }
-"Default strides of the named taps; `attention.layer{i}` has the stride of level `i % 3` (ms0..ms2)."
+"Short tap names per stage; a tap's full name is `stage.short` (attention: `attention.layer0`, `layer1`, ...)."
+
+
+@dataclass(frozen=True)
+class TapLayout:
+    "Where one Mask2Former family keeps its taps; paths are relative to the Mask2Former module (see `find_family`)."
+    family: str
+    marker: tuple[str, ...]                    # child modules that identify the Mask2Former module
+    backbone: str                              # module whose output holds res2..res5
+    backbone_map: Callable[[int], Callable]    # level 0..3 -> selector of that map
+    pixel_decoder: str                         # module whose output (pre=False) or input (pre=True) holds the maps
+    pixel_decoder_pre: bool
+    mask_features: Callable
+    multi_scale: Callable[[int], Callable]     # level 0..2 -> selector of ms0..ms2
+    cross_attn: str                            # path of layer {i}'s nn.MultiheadAttention
+    decoder_layers: str                        # the module list of decoder layers
+    output: Callable[[str], str]               # prefix -> path of the module giving the final logits
+    output_select: Callable
+    geometry: Callable[[nn.Module, str], dict[str, tuple[int, int | None]]]   # tap -> (stride, channels)
+    backbone_lattice: Callable[[nn.Module, str], str | None]                  # 'corner', 'centred' or None (measure)
+
+    def is_family(self, kids: dict[str, set[str]], prefix: str) -> bool:
+        "Whether the module at `prefix` (children `kids[prefix]`) is a Mask2Former of this family."
+        return set(self.marker) <= kids.get(prefix, set()) and (
+            self.family != "detectron2" or "predictor" in kids.get(_join(prefix, "sem_seg_head"), ()))
+
+# %% ../nbs/03_taps.ipynb #n79c533e
+def _join(prefix: str, path: str) -> str:
+    return f"{prefix}.{path}" if prefix else path
+
+
+def _hf_geometry(model: nn.Module, prefix: str) -> dict[str, tuple[int, int | None]]:
+    "Hugging Face: strides from the config's `feature_strides` and `common_stride`, channels from the backbone and config."
+    m2f = model.get_submodule(prefix) if prefix else model
+    cfg = getattr(m2f, "config", None) or getattr(model, "config", None)
+    fs = list(getattr(cfg, "feature_strides", (4, 8, 16, 32)))
+    enc = m2f.get_submodule("pixel_level_module.encoder")
+    chans = list(getattr(enc, "channels", []) or getattr(getattr(cfg, "backbone_config", None), "hidden_sizes", []))[-4:]
+    out = {f"backbone.res{i + 2}": (s, int(chans[i]) if i < len(chans) else None) for i, s in enumerate(fs)}
+    out.update({f"pixel_decoder.ms{i}": (s, int(cfg.feature_size)) for i, s in enumerate(fs[-3:][::-1])})
+    out["pixel_decoder.mask_features"] = (int(getattr(cfg, "common_stride", 4)), int(cfg.mask_feature_size))
+    return out
+
+
+def _d2_geometry(model: nn.Module, prefix: str) -> dict[str, tuple[int, int | None]]:
+    "detectron2: the backbone's `output_shape()`, the pixel decoder's `transformer_feature_strides` and `common_stride`."
+    shapes = model.get_submodule(_join(prefix, "backbone")).output_shape()
+    out = {f"backbone.{k}": (int(v.stride), getattr(v, "channels", None)) for k, v in shapes.items()
+           if k in ("res2", "res3", "res4", "res5")}
+    pd = model.get_submodule(_join(prefix, "sem_seg_head")).pixel_decoder
+    mf = getattr(pd, "mask_features", None)
+    mask_c, ms_c = (mf.out_channels, mf.in_channels) if isinstance(mf, nn.Conv2d) else (None, None)
+    fs = list(getattr(pd, "transformer_feature_strides", (8, 16, 32)))
+    out.update({f"pixel_decoder.ms{i}": (int(s), ms_c) for i, s in enumerate(fs[::-1])})
+    out["pixel_decoder.mask_features"] = (int(getattr(pd, "common_stride", 4)), mask_c)
+    return out
+
+
+def _hf_backbone_lattice(model: nn.Module, prefix: str) -> str | None:
+    "ResNets (stem, max-pool and strided convolutions) put cell j on pixel stride·j; Swin's patches are centred."
+    cfg = getattr(model.get_submodule(prefix) if prefix else model, "config", None) or getattr(model, "config", None)
+    kind = getattr(getattr(cfg, "backbone_config", None), "model_type", None)
+    return {"resnet": "corner", "swin": "centred"}.get(kind)
+
+
+def _d2_backbone_lattice(model: nn.Module, prefix: str) -> str | None:
+    kind = type(model.get_submodule(_join(prefix, "backbone"))).__name__
+    return {"ResNet": "corner", "D2SwinTransformer": "centred"}.get(kind)
+
+
+LAYOUTS: dict[str, TapLayout] = {
+    "hf": TapLayout(
+        family="hf", marker=("pixel_level_module", "transformer_module"),
+        backbone="pixel_level_module.encoder", backbone_map=lambda i: partial(_feature_map, i=i),
+        pixel_decoder="pixel_level_module.decoder", pixel_decoder_pre=False,
+        mask_features=partial(_attr, name="mask_features"), multi_scale=lambda i: partial(_multi_scale, i=i),
+        cross_attn="transformer_module.decoder.layers.{i}.cross_attn", decoder_layers="transformer_module.decoder.layers",
+        output=lambda prefix: prefix.rpartition(".")[0], output_select=_hf_output,
+        geometry=_hf_geometry, backbone_lattice=_hf_backbone_lattice),
+    "detectron2": TapLayout(
+        family="detectron2", marker=("backbone", "sem_seg_head"),
+        backbone="backbone", backbone_map=lambda i: partial(_dict_item, key=f"res{i + 2}"),
+        pixel_decoder="sem_seg_head.predictor", pixel_decoder_pre=True,
+        mask_features=partial(_predictor_input, which="mask"), multi_scale=lambda i: partial(_predictor_input, which="ms", i=i),
+        cross_attn="sem_seg_head.predictor.transformer_cross_attention_layers.{i}.multihead_attn",
+        decoder_layers="sem_seg_head.predictor.transformer_cross_attention_layers",
+        output=lambda prefix: _join(prefix, "sem_seg_head.predictor"), output_select=_d2_output,
+        geometry=_d2_geometry, backbone_lattice=_d2_backbone_lattice),
+}
+"The tap layout of each model family: a third family is one more entry."
+
+FAMILIES = tuple(LAYOUTS)
 
 
 def _children(model: nn.Module) -> dict[str, set[str]]:
@@ -266,9 +392,7 @@ def find_family(model: nn.Module) -> tuple[str, str]:
     """(family, prefix): `hf` or `detectron2`, and the path of the Mask2Former inside `model`
     (`""` for the model itself, `"model"` for the HF Mask2FormerModel inside the segmentation head)."""
     kids = _children(model)
-    hf = [p for p, k in kids.items() if {"pixel_level_module", "transformer_module"} <= k]
-    d2 = [p for p, k in kids.items() if {"backbone", "sem_seg_head"} <= k and "predictor" in kids.get(_join(p, "sem_seg_head"), ())]
-    found = [("hf", p) for p in hf] + [("detectron2", p) for p in d2]
+    found = [(f, p) for f, lay in LAYOUTS.items() for p in kids if lay.is_family(kids, p)]
     if len(found) == 1:
         return found[0]
     name = type(model).__name__
@@ -279,103 +403,132 @@ def find_family(model: nn.Module) -> tuple[str, str]:
     raise ValueError(f"{name} holds {len(found)} Mask2Former models at {[p or '<root>' for _, p in found]}; "
                      "pass the one to tap (e.g. model.student)")
 
+# %% ../nbs/03_taps.ipynb #nd178123
+def d4_symmetrized(module: nn.Module) -> nn.Module:
+    "A copy of `module` in eval mode with every convolution kernel averaged over the 8 rotations and flips of the square."
+    m = copy.deepcopy(module).eval()
+    with torch.no_grad():
+        for conv in m.modules():
+            if isinstance(conv, nn.Conv2d) and max(conv.kernel_size) > 1:
+                w = conv.weight
+                ws = [w, w.flip(-1), w.flip(-2), w.flip(-2, -1)]
+                if w.shape[-1] == w.shape[-2]:
+                    ws += [k.transpose(-2, -1) for k in ws]
+                conv.weight.copy_(sum(ws) / len(ws))
+    return m
 
-def _join(prefix: str, path: str) -> str:
-    return f"{prefix}.{path}" if prefix else path
+
+def measure_lattice(module: nn.Module, maps: Mapping[str, Callable], in_channels: int = 1, size: int = 256,
+                    samples: int = 16, seed: int = 0, snap: float | None = 0.5) -> dict[str, Lattice]:
+    """The `Lattice` of each map `name -> select(module output)` of a convolutional `module`, measured on its
+    D4-symmetrized copy as the centroid of one interior cell's squared input gradient per image (see above).
+    `snap`: round offsets to this many pixels (None: the raw mean)."""
+    m = d4_symmetrized(module)
+    g = torch.Generator().manual_seed(seed)
+    dev = next(m.parameters()).device
+    x = torch.randn(samples, in_channels, size + 8, size + 8, generator=g)
+    x = F.avg_pool2d(x, 9, 1)[..., :size, :size].to(dev).requires_grad_()   # smooth: cells see structure, not noise
+    out = m(x)
+    pos = torch.arange(size, device=dev, dtype=torch.float64) + 0.5         # pixel centres
+    found = {}
+    for name, select in maps.items():
+        f = select(out)
+        (h, w), s = f.shape[-2:], size // f.shape[-1]
+        if size % f.shape[-1] or size % f.shape[-2] or size // f.shape[-2] != s:
+            raise ValueError(f"map {name!r} has shape {tuple(f.shape)} for a {size}x{size} input: not a strided map")
+        jy = torch.randint(h // 4, max(h // 4 + 1, 3 * h // 4), (samples,), generator=g)
+        jx = torch.randint(w // 4, max(w // 4 + 1, 3 * w // 4), (samples,), generator=g)
+        r = torch.randn(samples, f.shape[1], generator=g).to(dev)
+        probe = (f[torch.arange(samples), :, jy, jx] * r).sum()
+        (gx,) = torch.autograd.grad(probe, x, retain_graph=True)
+        e = gx.double().pow(2).sum(1)                                        # [N, H, W] effective receptive field
+        cy = (e.sum(2) * pos).sum(1) / e.sum((1, 2))
+        cx = (e.sum(1) * pos).sum(1) / e.sum((1, 2))
+        offset = float(torch.cat([cy.cpu() - s * jy, cx.cpu() - s * jx]).mean())
+        if snap:
+            offset = round(offset / snap) * snap
+        found[name] = Lattice(s, min(max(offset, 0.0), float(s)))
+    return found
 
 # %% ../nbs/03_taps.ipynb #c016
-def _family_strides(model: nn.Module, family: str, prefix: str) -> dict[str, int]:
-    strides = dict(TAP_STRIDES)
-    if family == "hf":
-        cfg = getattr(model.get_submodule(prefix) if prefix else model, "config", None) or getattr(model, "config", None)
-        fs, common = list(getattr(cfg, "feature_strides", (4, 8, 16, 32))), getattr(cfg, "common_stride", 4)
-        strides.update({f"backbone.res{i + 2}": s for i, s in enumerate(fs)})
-        strides.update({f"pixel_decoder.ms{i}": s for i, s in enumerate(fs[-3:][::-1])})
-        strides["pixel_decoder.mask_features"] = common
-    else:
-        bb = model.get_submodule(_join(prefix, "backbone"))
-        if hasattr(bb, "output_shape"):
-            shapes = bb.output_shape()
-            strides.update({f"backbone.{k}": v.stride for k, v in shapes.items() if k in ("res2", "res3", "res4", "res5")})
-        pd = model.get_submodule(_join(prefix, "sem_seg_head"))
-        pd = getattr(pd, "pixel_decoder", None)
-        fs = getattr(pd, "transformer_feature_strides", None)
-        if fs is not None and len(fs) == 3:
-            strides.update({f"pixel_decoder.ms{i}": s for i, s in enumerate(list(fs)[::-1])})
-        if getattr(pd, "common_stride", None):
-            strides["pixel_decoder.mask_features"] = pd.common_stride
-    return strides
+_META: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # model -> {tap: TapMeta}; forgotten with the model
 
 
-def tap_stride(name: str, model: nn.Module | None = None) -> int:
-    "Stride (image pixels per cell) of the named tap, read from `model` when given; attention.layer{i}: level i % 3."
-    strides = TAP_STRIDES if model is None else _family_strides(model, *find_family(model))
-    if name.startswith("attention.layer") and name[len("attention.layer"):].isdigit():
-        return strides[f"pixel_decoder.ms{int(name[len('attention.layer'):]) % 3}"]
-    if name not in strides:
-        raise ValueError(f"unknown tap {name!r}; valid: {sorted(strides)} and attention.layer<i>")
-    return strides[name]
+def _backbone_lattices(model: nn.Module, family: str, prefix: str, strides: dict[str, int]) -> dict[str, Lattice]:
+    lay = LAYOUTS[family]
+    kind = lay.backbone_lattice(model, prefix)
+    names = [f"backbone.res{i + 2}" for i in range(4) if f"backbone.res{i + 2}" in strides]
+    if kind is not None:
+        make = Lattice.corner if kind == "corner" else Lattice.centred
+        return {n: make(strides[n]) for n in names}
+    bb = model.get_submodule(_join(prefix, lay.backbone))
+    conv = next((m for m in bb.modules() if isinstance(m, nn.Conv2d)), None)
+    found = measure_lattice(bb, {n: lay.backbone_map(int(n[-1]) - 2) for n in names},
+                            in_channels=conv.in_channels if conv is not None else 3)
+    warnings.warn(f"backbone {type(bb).__name__} of this {family} Mask2Former has no known lattice; measured "
+                  + ", ".join(f"{n} offset {l.offset:g} px" for n, l in found.items()), stacklevel=3)
+    return found
 
 
-def _attention_paths(model: nn.Module, family: str, prefix: str) -> list[str]:
-    if family == "hf":
-        layers = model.get_submodule(_join(prefix, "transformer_module.decoder.layers"))
-        return [_join(prefix, f"transformer_module.decoder.layers.{i}.cross_attn") for i in range(len(layers))]
-    layers = model.get_submodule(_join(prefix, "sem_seg_head.predictor.transformer_cross_attention_layers"))
-    return [_join(prefix, f"sem_seg_head.predictor.transformer_cross_attention_layers.{i}.multihead_attn")
-            for i in range(len(layers))]
+def tap_meta(model: nn.Module) -> dict[str, TapMeta]:
+    "`TapMeta` of every tap of a Hugging Face or detectron2 Mask2Former (`attention.layer{i}` for each decoder layer)."
+    if model in _META:
+        return _META[model]
+    family, prefix = find_family(model)
+    lay = LAYOUTS[family]
+    geo = lay.geometry(model, prefix)
+    lat = _backbone_lattices(model, family, prefix, {k: v[0] for k, v in geo.items()})
+    by_stride = {l.stride: l for l in lat.values()}
+    meta: dict[str, TapMeta] = {}
+    for name, (stride, channels) in geo.items():        # the pixel decoder inherits the backbone's lattice at its stride
+        meta[name] = TapMeta(lat.get(name) or by_stride.get(stride) or Lattice.centred(stride), channels)
+    layers = len(model.get_submodule(_join(prefix, lay.decoder_layers)))
+    for i in range(layers):
+        meta[f"attention.layer{i}"] = TapMeta(meta[f"pixel_decoder.ms{i % 3}"].lattice, level=i % 3)
+    meta["output.classes"] = TapMeta(meta["pixel_decoder.mask_features"].lattice)
+    _META[model] = meta
+    return meta
 
 
-def _pixel_decoder_specs(model: nn.Module, family: str, prefix: str, strides: dict) -> list[TapSpec]:
-    if family == "hf":
-        path = _join(prefix, "pixel_level_module.decoder")
-        return ([TapSpec("pixel_decoder.mask_features", path, partial(_attr, name="mask_features"),
-                         stride=strides["pixel_decoder.mask_features"])] +
-                [TapSpec(f"pixel_decoder.ms{i}", path, partial(_multi_scale, i=i), stride=strides[f"pixel_decoder.ms{i}"])
-                 for i in range(3)])
-    path = _join(prefix, "sem_seg_head.predictor")
-    return ([TapSpec("pixel_decoder.mask_features", path, partial(_predictor_input, which="mask"), pre=True,
-                     stride=strides["pixel_decoder.mask_features"])] +
-            [TapSpec(f"pixel_decoder.ms{i}", path, partial(_predictor_input, which="ms", i=i), pre=True,
-                     stride=strides[f"pixel_decoder.ms{i}"]) for i in range(3)])
+def _specs(model: nn.Module, stage: str, family: str, prefix: str, meta: dict[str, TapMeta]) -> list[TapSpec]:
+    lay = LAYOUTS[family]
+    if stage == "backbone":
+        path = _join(prefix, lay.backbone)
+        return [TapSpec(f"backbone.res{i + 2}", path, lay.backbone_map(i), meta=meta[f"backbone.res{i + 2}"]) for i in range(4)]
+    if stage == "pixel_decoder":
+        path, pre = _join(prefix, lay.pixel_decoder), lay.pixel_decoder_pre
+        return ([TapSpec("pixel_decoder.mask_features", path, lay.mask_features, pre=pre, meta=meta["pixel_decoder.mask_features"])]
+                + [TapSpec(f"pixel_decoder.ms{i}", path, lay.multi_scale(i), pre=pre, meta=meta[f"pixel_decoder.ms{i}"])
+                   for i in range(3)])
+    if stage == "attention":
+        layers = [k for k in meta if k.startswith("attention.")]
+        return [TapSpec(k, _join(prefix, lay.cross_attn.format(i=i)), _attn_weights, attention=True, meta=meta[k])
+                for i, k in enumerate(layers)]
+    path = lay.output(prefix)
+    if family == "hf" and not hasattr(model.get_submodule(path), "class_predictor"):
+        raise ValueError(f"stage 'output' needs the class logits: tap the Mask2FormerForUniversalSegmentation, not "
+                         f"{type(model.get_submodule(path)).__name__}")
+    return [TapSpec("output.classes", path, lay.output_select, meta=meta["output.classes"])]
 
 
-def _level_specs(model: nn.Module) -> dict[int, TapSpec]:
+def level_specs(model: nn.Module) -> dict[int, TapSpec]:
     "Specs of the three multi-scale maps the attention layers attend (level -> spec), for their grids."
     family, prefix = find_family(model)
-    return {int(s.name[-1]): s for s in _pixel_decoder_specs(model, family, prefix, _family_strides(model, family, prefix))
-            if s.name.startswith("pixel_decoder.ms")}
+    return {i: s for i, s in enumerate(_specs(model, "pixel_decoder", family, prefix, tap_meta(model))[1:])}
 
 
-def stage_taps(model: nn.Module, stages: str | Iterable[str] = STAGES, select: str | Iterable[str] | None = None) -> list[TapSpec]:
-    """The named taps of `stages` (backbone, pixel_decoder, attention; `hybrid` = all three) for a Hugging Face
-    or detectron2 Mask2Former, optionally only those whose names match `select` (names or globs)."""
-    if isinstance(stages, str):
-        stages = [stages]
-    stages = list(stages)
+def stage_taps(model: nn.Module, stages: str | Iterable[str] = HYBRID, select: str | Iterable[str] | None = None) -> list[TapSpec]:
+    """The named taps of `stages` (backbone, pixel_decoder, attention, output; `hybrid` = the first three) for a
+    Hugging Face or detectron2 Mask2Former, optionally only those whose names match `select` (names or globs)."""
+    stages = [stages] if isinstance(stages, str) else list(stages)
     if "hybrid" in stages:
-        stages = [s for s in stages if s != "hybrid"] + [s for s in STAGES if s not in stages]
+        stages = [s for s in stages if s != "hybrid"] + [s for s in HYBRID if s not in stages]
     bad = [s for s in stages if s not in STAGES]
     if bad:
         raise ValueError(f"unknown stages {bad}; valid: {list(STAGES)} and 'hybrid'")
     family, prefix = find_family(model)
-    strides = _family_strides(model, family, prefix)
-    specs: list[TapSpec] = []
-    if "backbone" in stages:
-        if family == "hf":
-            path = _join(prefix, "pixel_level_module.encoder")
-            specs += [TapSpec(f"backbone.res{i + 2}", path, partial(_feature_map, i=i), stride=strides[f"backbone.res{i + 2}"])
-                      for i in range(4)]
-        else:
-            path = _join(prefix, "backbone")
-            specs += [TapSpec(f"backbone.res{i}", path, partial(_dict_item, key=f"res{i}"), stride=strides[f"backbone.res{i}"])
-                      for i in range(2, 6)]
-    if "pixel_decoder" in stages:
-        specs += _pixel_decoder_specs(model, family, prefix, strides)
-    if "attention" in stages:
-        specs += [TapSpec(f"attention.layer{i}", p, _attn_weights, attention=True, level=i % 3,
-                          stride=strides[f"pixel_decoder.ms{i % 3}"])
-                  for i, p in enumerate(_attention_paths(model, family, prefix))]
+    meta = tap_meta(model)
+    specs = [spec for stage in STAGES if stage in stages for spec in _specs(model, stage, family, prefix, meta)]
     if select is not None:
         pats = [select] if isinstance(select, str) else list(select)
         names = [s.name for s in specs]

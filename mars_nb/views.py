@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -18,8 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['IGNORE', 'rotate', 'rotate_labels', 'valid_mask', 'footprint_radius', 'rotated_crop', 'rotated_crops', 'crop_extent',
-           'warp_back', 'align_attention', 'match_queries']
+__all__ = ['IGNORE', 'rotate', 'rotate_labels', 'valid_mask', 'footprint_radius', 'rotated_crop', 'rotated_crops', 'Lattice',
+           'crop_extent', 'warp_back', 'align_attention', 'match_queries']
 
 # %% ../nbs/01_views.ipynb #c005
 IGNORE: int = 255  # label value for "no ground truth here" (e.g. pixels rotated in from outside)
@@ -251,6 +252,46 @@ def rotated_crops(source: Tensor, centers, size: tuple[int, int], angle: float, 
             out[i] = crop
     return torch.stack(out)
 
+# %% ../nbs/01_views.ipynb #n671a8ad
+@dataclass(frozen=True)
+class Lattice:
+    "Cell `j` of a stride-`stride` map is centred at `stride * j + offset` image pixels (continuous coordinates)."
+    stride: int
+    offset: float
+
+    def __post_init__(self):
+        s, o = self.stride, self.offset
+        if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s <= 0:
+            raise ValueError(f"stride must be a positive integer (e.g. 4, 8, 16, 32), got {s!r}")
+        if isinstance(o, bool) or not isinstance(o, (int, float, np.integer, np.floating)) or not 0 <= o <= s:
+            raise ValueError(f"offset must be a number of pixels in [0, stride={s}] (cell 0 is centred there), got {o!r}")
+        object.__setattr__(self, "stride", int(s))
+        object.__setattr__(self, "offset", float(o))
+
+    @classmethod
+    def centred(cls, stride: int) -> "Lattice":
+        "Cells centred in their blocks, at (j + 1/2)·stride: patch embeddings, pooling, resized images."
+        return cls(stride, stride / 2)
+
+    @classmethod
+    def corner(cls, stride: int) -> "Lattice":
+        "Cell j on input pixel stride·j: strided convolutions with 'same' padding (ResNet)."
+        return cls(stride, 0.5)
+
+    @property
+    def is_centred(self) -> bool:
+        return self.offset == self.stride / 2
+
+    def centre(self, image_size: tuple[int, int]) -> tuple[float, float]:
+        "The image centre (H/2, W/2) in map coordinates (cell j spans [j, j+1))."
+        H, W = _size(image_size, "image_size")
+        s, o = self.stride, self.offset
+        return (H / 2 - o) / s + 0.5, (W / 2 - o) / s + 0.5
+
+    def __repr__(self):
+        kind = " (centred)" if self.is_centred else " (corner)" if self.offset == 0.5 else ""
+        return f"Lattice(stride={self.stride}, offset={self.offset:g}{kind})"
+
 # %% ../nbs/01_views.ipynb #c025
 def _stride(stride) -> int:
     if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or stride <= 0:
@@ -327,25 +368,25 @@ def _warp_sparse(tc: Tensor, a: float, c: tuple, margin: float) -> Tensor:
     out = _SparseWarp.apply(work.reshape(B * C, h * w), S, ST)
     return out.reshape(B, C, h, w).to(tc.dtype)
 
-def warp_back(t: Tensor, angle: float, image_size: tuple[int, int], stride: int, margin: float = 0) -> tuple[Tensor, Tensor]:
-    "Resample a view-2 map `t` [B, C, h, w] at `stride` into the view-1 frame: (aligned [B, C, h', w'], valid [h', w'])."
+def warp_back(t: Tensor, angle: float, image_size: tuple[int, int], lattice: Lattice, margin: float = 0) -> tuple[Tensor, Tensor]:
+    "Resample a view-2 map `t` [B, C, h, w] on `lattice` into the view-1 frame: (aligned [B, C, h', w'], valid [h', w'])."
     if not isinstance(t, Tensor):
         raise ValueError(f"t must be a torch.Tensor, got {type(t).__name__}")
     if t.ndim != 4:
         raise ValueError(f"t must be a 4-d map [B, C, h, w], got shape {tuple(t.shape)}")
     if not t.is_floating_point():
         raise ValueError(f"t must be a floating tensor (features, attention), got {t.dtype}")
-    tc = crop_extent(t, image_size, stride)
-    H, W = _size(image_size, "image_size")
-    s = int(stride)
+    if not isinstance(lattice, Lattice):
+        raise ValueError(f"lattice must be a Lattice (e.g. Lattice.corner(8) for a ResNet's stride-8 map), got {lattice!r}")
+    tc = crop_extent(t, image_size, lattice.stride)
     m = _nonneg(margin, "margin")
     b = _angle(-_angle(angle))  # aligned(p) = t(R p): the inverse of the view-2 rotation
     h, w = tc.shape[-2:]
-    c = (H / (2 * s), W / (2 * s))
+    c = lattice.centre(image_size)
     dev = str(t.device)
     valid = _inside(b, (h, w), (h, w), c, c, m, dev)
     q = _quarter(b)
-    if q == 0 or (q is not None and H == h * s and W == w * s and (q % 2 == 0 or h == w)):
+    if q == 0 or (q is not None and c == (h / 2, w / 2) and (q % 2 == 0 or h == w)):   # a permutation of the cells
         out = tc.clone() if q == 0 else torch.rot90(tc, q, dims=(-2, -1))
         out = out if m == 0 else out.masked_fill(~valid, 0)  # without a margin every cell is valid
     elif t.device.type == "cpu":
@@ -359,8 +400,8 @@ def _renorm(p: Tensor, vf: Tensor, n: Tensor, eps: float) -> Tensor:
     return (p + eps * vf / n) / (p.sum(dim=(-2, -1), keepdim=True) + eps)
 
 def align_attention(a1: Tensor, a2: Tensor, hw: tuple[int, int], angle: float, image_size: tuple[int, int],
-                    stride: int, margin: float = 0, eps: float = 1e-8) -> tuple[Tensor, Tensor, Tensor]:
-    "Cross-attention rows of both views on one grid: (p1, p2 [B, (heads,) Q, h', w'], valid [h', w'])."
+                    lattice: Lattice, margin: float = 0, eps: float = 1e-8) -> tuple[Tensor, Tensor, Tensor]:
+    "Cross-attention rows of both views on one grid (keys on `lattice`): (p1, p2 [B, (heads,) Q, h', w'], valid [h', w'])."
     for name, a in (("a1", a1), ("a2", a2)):
         if not isinstance(a, Tensor) or a.ndim not in (3, 4) or not a.is_floating_point():
             got = tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__
@@ -375,11 +416,11 @@ def align_attention(a1: Tensor, a2: Tensor, hw: tuple[int, int], angle: float, i
         raise ValueError(f"eps must be > 0, got {eps}")
     lead = a1.shape[:-1]
     g1, g2 = a1.reshape(*lead, h, w), a2.reshape(*lead, h, w)
-    w2, valid = warp_back(g2.reshape(lead[0], -1, h, w), angle, image_size, stride, margin)
+    w2, valid = warp_back(g2.reshape(lead[0], -1, h, w), angle, image_size, lattice, margin)
     w2 = w2.reshape(*lead, *w2.shape[-2:])
     vf = valid.to(a1.dtype)
     n = vf.sum().clamp_min(1)  # no valid cell: every term below is 0, so both outputs are 0 (no host sync)
-    c1 = crop_extent(g1, image_size, stride) * vf
+    c1 = crop_extent(g1, image_size, lattice.stride) * vf
     return _renorm(c1, vf, n, eps), _renorm(w2, vf, n, eps), valid
 
 # %% ../nbs/01_views.ipynb #c032
