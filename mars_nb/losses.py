@@ -1,5 +1,6 @@
-"""How far apart are two views once they are aligned? Feature distances, attention distances,
-the MARs paper's pooled formulation, and `MarsLoss`, which weighs them per stage.
+r"""How far apart are two views once they are aligned? Feature, attention and output distances, the
+MARs paper's pooled formulation, and `MarsLoss`, which weighs them per stage:
+$\mathcal{L}_\text{MARS} = \sum_s w_s \cdot \operatorname{mean}_{t \in s}\, d_s\big(\text{align}(v_1[t]), \text{align}(v_2[t])\big)$.
 
 Docs: https://github.com/mars-nb/mars_nb/losses.html.md"""
 
@@ -9,25 +10,32 @@ Docs: https://github.com/mars-nb/mars_nb/losses.html.md"""
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import re
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .taps import STAGES, TAP_NAMES, TapMeta, Taps, find_family, LAYOUTS, split_views, stage_taps, tap_meta
+from .views import align_attention, crop_extent, match_queries, warp_back
+
 # %% auto #0
-__all__ = ['FEATURE_DISTANCES', 'ATTENTION_DISTANCES', 'STAGES', 'STAGE_TAPS', 'STAGE_DISTANCES', 'DEFAULT_STAGES',
-           'DISTANCE_OPTIONS', 'GRADIENT_MODES', 'MATCHING_MODES', 'PRESET_NAMES', 'DEFAULT_STRIDES', 'cosine_map',
-           'feature_distance', 'infonce_distance', 'attention_distance', 'MarsPooled', 'block_rows', 'mars_preset',
-           'StageSpec', 'resolve_config', 'tap_channels', 'MarsLoss']
+__all__ = ['STAGE_KINDS', 'DISTANCES', 'DEFAULT_STAGES', 'PRESETS', 'PRESET_NAMES', 'GRADIENT_MODES', 'MATCHING_MODES',
+           'TOP_DEFAULTS', 'Distance', 'distance', 'get_distance', 'cosine_map', 'cosine_distance', 'mse_distance',
+           'smooth_l1_distance', 'feature_distance', 'infonce_distance', 'attention_js', 'attention_kl',
+           'attention_mse', 'attention_distance', 'output_js', 'output_kl', 'MarsPooled', 'block_rows',
+           'stage_distances', 'mars_preset', 'StageSpec', 'resolve_config', 'MarsLoss', 'gradient_shares']
 
 # %% ../nbs/04_losses.ipynb #c005
-def _pixel_weights(valid: Tensor | None, B: int, h: int, w: int, like: Tensor) -> Tensor:
-    "The valid mask as float weights `[B, h, w]` on `like`'s device and dtype (all ones when `valid` is None)."
+def _pixel_weights(valid: Tensor | None, like: Tensor) -> Tensor:
+    "The valid mask as float weights `[B, h, w]` for maps `like` [B, ..., h, w] (all ones when `valid` is None)."
+    B, h, w = like.shape[0], like.shape[-2], like.shape[-1]
     if valid is None:
         return like.new_ones(B, h, w)
     valid = torch.as_tensor(valid, device=like.device)
@@ -52,11 +60,50 @@ def _check_pair(f1: Tensor, f2: Tensor, what: str, ndims: tuple[int, ...]) -> No
         raise ValueError(f"{what}: expected a tensor with {' or '.join(map(str, ndims))} dimensions, "
                          f"got shape {tuple(f1.shape)}")
 
+# %% ../nbs/04_losses.ipynb #naf4a47b
+STAGE_KINDS = {"backbone": "feature", "pixel_decoder": "feature", "attention": "attention", "output": "output"}
+"What each stage compares: feature maps [B,C,h,w], attention rows [B,(heads,)Q,h,w] or class distributions [B,K,h,w]."
+
+
+@dataclass(frozen=True)
+class Distance:
+    "A registered distance: `name`, the `kind` of tensors it compares, its function (or learned module) and options."
+    name: str
+    kind: str
+    fn: Callable | None                 # fn(x1, x2, valid=None, **options) -> scalar
+    options: tuple[str, ...]
+    module: type | None = None          # a learned distance: one `module(channels, **options)` per tap
+
+
+DISTANCES: dict[str, dict[str, Distance]] = {k: {} for k in dict.fromkeys(STAGE_KINDS.values())}
+"kind -> name -> `Distance`."
+
+_RUNTIME = ("generator",)               # keyword arguments MarsLoss supplies, not configuration options
+
+
+def distance(kind: str, name: str | None = None):
+    "Register the decorated function `<name>_distance(x1, x2, valid=None, *, options)` as a distance of `kind`."
+    def add(fn):
+        n = name or fn.__name__.removesuffix("_distance")
+        assert n not in DISTANCES[kind], f"{kind} distance {n!r} registered twice"
+        opts = tuple(p for p in list(inspect.signature(fn).parameters)[3:] if p not in _RUNTIME)
+        DISTANCES[kind][n] = Distance(n, kind, fn, opts)
+        return fn
+    return add
+
+
+def get_distance(name: str, kind: str) -> Distance:
+    "The `Distance` called `name` for tensors of `kind`; ValueError naming the valid ones otherwise."
+    if kind not in DISTANCES:
+        raise ValueError(f"unknown kind of distance {kind!r}; valid: {', '.join(DISTANCES)}")
+    d = DISTANCES[kind].get(name)
+    if d is None:
+        other = [k for k, v in DISTANCES.items() if name in v]
+        hint = f" ({name!r} is a {' and '.join(other)} distance)" if other else ""
+        raise ValueError(f"unknown {kind} distance {name!r}{hint}; valid: {', '.join(DISTANCES[kind])}")
+    return d
+
 # %% ../nbs/04_losses.ipynb #c007
-FEATURE_DISTANCES = ("cosine", "mse", "smooth_l1", "infonce")
-"Distances for feature maps `[B, C, h, w]` (see `feature_distance`)."
-
-
 class _CosineMap(torch.autograd.Function):
     "Cosine along dim 1 from three channel sums, with the closed-form gradient (one pass per input)."
 
@@ -91,36 +138,45 @@ def cosine_map(f1: Tensor, f2: Tensor, eps: float = 1e-8) -> Tensor:
     return _CosineMap.apply(f1, f2, eps)
 
 
-def feature_distance(f1: Tensor, f2: Tensor, valid: Tensor | None = None, kind: str = "cosine", *,
-                     eps: float = 1e-8, beta: float = 1.0, tau: float = 0.1, num_negatives: int = 64,
-                     max_anchors: int = 1024, symmetric: bool = True,
-                     generator: torch.Generator | None = None, seed: int = 0) -> Tensor:
-    """Distance between aligned feature maps `f1, f2` [B,C,h,w], averaged over the `valid` pixels.
+@distance("feature")
+def cosine_distance(f1: Tensor, f2: Tensor, valid: Tensor | None = None,
+                    eps: float = 1e-8,  # norms below this are clamped (zero vectors score 1)
+                    ) -> Tensor:
+    "Mean over the valid pixels of 1 − cosine along channels of aligned maps `f1, f2` [B,C,h,w]."
+    _check_pair(f1, f2, "cosine", (4,))
+    return _masked_mean(1.0 - cosine_map(f1, f2, eps), _pixel_weights(valid, f1))
 
-    `valid` is `[h, w]`, `[B, h, w]` or None (all pixels). `kind`: `cosine` (1 − cosine similarity
-    along channels; default), `mse`, `smooth_l1` (with `beta`) or `infonce` (dense contrastive, see
-    `infonce_distance`; uses `tau`, `num_negatives`, `max_anchors`, `symmetric`, `generator`/`seed`).
-    Returns a scalar tensor."""
-    _check_pair(f1, f2, "feature_distance", (4,))
-    if kind not in FEATURE_DISTANCES:
-        raise ValueError(f"unknown feature distance {kind!r}; valid: {', '.join(FEATURE_DISTANCES)}")
-    B, _, h, w = f1.shape
-    wts = _pixel_weights(valid, B, h, w, f1)
-    if kind == "cosine":
-        d = 1.0 - cosine_map(f1, f2, eps)
-    elif kind == "mse":
-        d = (f1 - f2).pow(2).mean(1)
-    elif kind == "smooth_l1":
-        d = F.smooth_l1_loss(f1, f2, reduction="none", beta=beta).mean(1)
-    else:
-        return infonce_distance(f1, f2, wts > 0, tau=tau, num_negatives=num_negatives, max_anchors=max_anchors,
-                                symmetric=symmetric, generator=generator, seed=seed)
-    return _masked_mean(d, wts)
+
+@distance("feature")
+def mse_distance(f1: Tensor, f2: Tensor, valid: Tensor | None = None) -> Tensor:
+    "Mean over the valid pixels of the squared difference averaged over channels."
+    _check_pair(f1, f2, "mse", (4,))
+    return _masked_mean((f1 - f2).pow(2).mean(1), _pixel_weights(valid, f1))
+
+
+@distance("feature")
+def smooth_l1_distance(f1: Tensor, f2: Tensor, valid: Tensor | None = None,
+                       beta: float = 1.0,  # where the loss turns from quadratic to linear
+                       ) -> Tensor:
+    "Mean over the valid pixels of the smooth-L1 (Huber-like) difference averaged over channels."
+    _check_pair(f1, f2, "smooth_l1", (4,))
+    d = F.smooth_l1_loss(f1, f2, reduction="none", beta=beta).mean(1)
+    return _masked_mean(d, _pixel_weights(valid, f1))
+
+
+def feature_distance(f1: Tensor, f2: Tensor, valid: Tensor | None = None, kind: str = "cosine", **options) -> Tensor:
+    "Any registered feature distance by name (`cosine`, `mse`, `smooth_l1`, `infonce`) between aligned maps."
+    return get_distance(kind, "feature").fn(f1, f2, valid, **options)
 
 # %% ../nbs/04_losses.ipynb #c011
-def infonce_distance(f1: Tensor, f2: Tensor, valid: Tensor | None = None, *, tau: float = 0.1,
-                     num_negatives: int = 64, max_anchors: int = 1024, symmetric: bool = True,
-                     generator: torch.Generator | None = None, seed: int = 0) -> Tensor:
+@distance("feature")
+def infonce_distance(f1: Tensor, f2: Tensor, valid: Tensor | None = None, *,
+                     tau: float = 0.1,              # temperature of the softmax over cosine similarities
+                     num_negatives: int = 64,       # other valid locations per anchor, drawn with replacement
+                     max_anchors: int = 1024,       # anchors per sample (a random subset beyond this)
+                     symmetric: bool = True,        # average both directions (view 1 -> 2 and 2 -> 1)
+                     seed: int = 0,                 # seeds a new generator when none is given
+                     generator: torch.Generator | None = None) -> Tensor:
     """Dense InfoNCE between aligned feature maps `f1, f2` [B,C,h,w] over `valid` pixels.
 
     For each anchor location (at most `max_anchors` per sample, sampled) the aligned location of the
@@ -133,7 +189,7 @@ def infonce_distance(f1: Tensor, f2: Tensor, valid: Tensor | None = None, *, tau
         raise ValueError(f"infonce needs tau > 0, num_negatives >= 1 and max_anchors >= 1; "
                          f"got tau={tau}, num_negatives={num_negatives}, max_anchors={max_anchors}")
     B, C, h, w = f1.shape
-    keep = _pixel_weights(valid, B, h, w, f1) > 0
+    keep = _pixel_weights(valid, f1) > 0
     if generator is None:
         generator = torch.Generator().manual_seed(seed)
     z1 = F.normalize(f1.flatten(2), dim=1)  # [B, C, hw]
@@ -162,35 +218,63 @@ def infonce_distance(f1: Tensor, f2: Tensor, valid: Tensor | None = None, *, tau
     return total / max(count, 1)
 
 # %% ../nbs/04_losses.ipynb #c015
-ATTENTION_DISTANCES = ("js", "kl", "mse")
-"Distances for attention distributions `[B, Q, h, w]` or `[B, heads, Q, h, w]` (see `attention_distance`)."
-
-
-def attention_distance(p1: Tensor, p2: Tensor, valid: Tensor | None = None, kind: str = "js",
-                       eps: float = 1e-8) -> Tensor:
-    """Distance between aligned attention distributions `p1, p2` [B,Q,h,w] or [B,heads,Q,h,w].
-
-    Each row (one query, one head) sums to 1 over the `valid` pixels ([h,w], [B,h,w] or None);
-    pixels outside `valid` are ignored. `kind`: `js` (Jensen–Shannon, default), `kl` (KL(p1‖p2)) or
-    `mse` (n_valid · Σ (p1 − p2)², see above). Mean over batch, queries and heads; a scalar."""
-    _check_pair(p1, p2, "attention_distance", (4, 5))
-    if kind not in ATTENTION_DISTANCES:
-        raise ValueError(f"unknown attention distance {kind!r}; valid: {', '.join(ATTENTION_DISTANCES)}")
+def _rows(p1: Tensor, p2: Tensor, valid: Tensor | None, what: str) -> tuple[Tensor, Tensor, Tensor]:
+    "Attention rows [B, rows, h*w] of both views with the pixels outside `valid` zeroed, and the weights [B, 1, h*w]."
+    _check_pair(p1, p2, what, (4, 5))
     B, h, w = p1.shape[0], p1.shape[-2], p1.shape[-1]
-    wts = _pixel_weights(valid, B, h, w, p1).flatten(1)[:, None]  # [B, 1, hw]
-    p = p1.reshape(B, -1, h * w) * wts
-    q = p2.reshape(B, -1, h * w) * wts
-    if kind == "js":
-        m = 0.5 * (p + q)
-        lm = torch.log(m + eps)
-        d = 0.5 * (p * (torch.log(p + eps) - lm)).sum(-1) + 0.5 * (q * (torch.log(q + eps) - lm)).sum(-1)
-        d = d.clamp_min(0.0)  # >= 0 in exact arithmetic; rounding can give -1e-9
-    elif kind == "kl":
-        d = (p * (torch.log(p + eps) - torch.log(q + eps))).sum(-1)
-    else:
-        n = wts.sum(-1)  # [B, 1]
-        d = n * (p - q).pow(2).sum(-1)
-    return d.mean()
+    wts = _pixel_weights(valid, p1).flatten(1)[:, None]
+    return p1.reshape(B, -1, h * w) * wts, p2.reshape(B, -1, h * w) * wts, wts
+
+
+def _kl(p: Tensor, q: Tensor, dim: int, eps: float) -> Tensor:
+    return (p * (torch.log(p + eps) - torch.log(q + eps))).sum(dim)
+
+
+def _js(p: Tensor, q: Tensor, dim: int, eps: float) -> Tensor:
+    m = 0.5 * (p + q)
+    return (0.5 * _kl(p, m, dim, eps) + 0.5 * _kl(q, m, dim, eps)).clamp_min(0.0)   # rounding can give -1e-9
+
+
+@distance("attention", "js")
+def attention_js(p1: Tensor, p2: Tensor, valid: Tensor | None = None,
+                 eps: float = 1e-8,  # inside the logarithms: zeros give finite values and gradients
+                 ) -> Tensor:
+    "Jensen–Shannon divergence (nats) between aligned attention rows, mean over batch, (heads,) queries."
+    p, q, _ = _rows(p1, p2, valid, "attention js")
+    return _js(p, q, -1, eps).mean()
+
+
+@distance("attention", "kl")
+def attention_kl(p1: Tensor, p2: Tensor, valid: Tensor | None = None, eps: float = 1e-8) -> Tensor:
+    "KL(p1 ‖ p2) between aligned attention rows: the upright view as the reference."
+    p, q, _ = _rows(p1, p2, valid, "attention kl")
+    return _kl(p, q, -1, eps).mean()
+
+
+@distance("attention", "mse")
+def attention_mse(p1: Tensor, p2: Tensor, valid: Tensor | None = None) -> Tensor:
+    "n_valid · Σ (p1 − p2)² per row (a uniform row is 1 everywhere, whatever the level's size)."
+    p, q, wts = _rows(p1, p2, valid, "attention mse")
+    return (wts.sum(-1) * (p - q).pow(2).sum(-1)).mean()
+
+
+def attention_distance(p1: Tensor, p2: Tensor, valid: Tensor | None = None, kind: str = "js", **options) -> Tensor:
+    "Any registered attention distance by name (`js`, `kl`, `mse`) between aligned rows [B,Q,h,w] or [B,heads,Q,h,w]."
+    return get_distance(kind, "attention").fn(p1, p2, valid, **options)
+
+# %% ../nbs/04_losses.ipynb #n4d6be07
+@distance("output", "js")
+def output_js(p1: Tensor, p2: Tensor, valid: Tensor | None = None, eps: float = 1e-8) -> Tensor:
+    "Mean over the valid pixels of the JS divergence between per-pixel class distributions `p1, p2` [B,K,h,w]."
+    _check_pair(p1, p2, "output js", (4,))
+    return _masked_mean(_js(p1, p2, 1, eps), _pixel_weights(valid, p1))
+
+
+@distance("output", "kl")
+def output_kl(p1: Tensor, p2: Tensor, valid: Tensor | None = None, eps: float = 1e-8) -> Tensor:
+    "Mean over the valid pixels of KL(p1 ‖ p2) between per-pixel class distributions [B,K,h,w]."
+    _check_pair(p1, p2, "output kl", (4,))
+    return _masked_mean(_kl(p1, p2, 1, eps), _pixel_weights(valid, p1))
 
 # %% ../nbs/04_losses.ipynb #c019
 def _masked_gem(x: Tensor, wts: Tensor, dims: tuple[int, ...], p: Tensor, eps: float) -> Tensor:
@@ -200,17 +284,35 @@ def _masked_gem(x: Tensor, wts: Tensor, dims: tuple[int, ...], p: Tensor, eps: f
     return (s / n).clamp_min(eps ** p.detach()).pow(1.0 / p)
 
 
+def _standardize(v1: Tensor, v2: Tensor, rel: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """Each component of [B, C, *] vectors standardized over the batch of both views (and the trailing axis).
+    A component that does not vary (variance below `rel` times the mean square: scale-free) becomes 0."""
+    both = torch.cat([v1, v2])
+    dims = (0,) if both.dim() == 2 else (0, 2)
+    mu, var = both.mean(dims, keepdim=True), both.var(dims, unbiased=False, keepdim=True)
+    live = var > rel * both.detach().pow(2).mean()
+    z = torch.where(live, (both - mu) * var.clamp_min(1e-30).rsqrt(), torch.zeros_like(both))
+    return z[: len(v1)], z[len(v1):]
+
+
+# Adapted from the MARs paper's public code (droneslab/mars, src/losses.py: AttentionAlignmentRegularization);
+# departs: views aligned before pooling, height/width vectors keep their axis, no bias and no affine scale.
 class MarsPooled(nn.Module):
     """The MARs paper's pooled consistency term for one feature tap with `channels` channels.
 
     A learned 1×1 reduction to `channels // reduction` channels, then GeM-pooled channel, height and
-    width vectors of each (aligned) view, compared with 1 − cosine; the result is the weighted mean
+    width vectors of each (aligned) view, each standardized over the batch and passed through a PReLU,
+    compared with 1 − cosine; the result is the weighted mean
     `(channel_weight·L_c + spatial_weight·(L_h + L_w)) / (channel_weight + 2·spatial_weight)`.
-    `forward(f1, f2, valid)` takes aligned maps [B,C,h,w] and pairs row b of view 1 with row b of
-    view 2."""
+    `forward(f1, f2, valid)` takes aligned maps [B,C,h,w] and pairs row b of view 1 with row b of view 2."""
 
-    def __init__(self, channels: int, reduction: int = 4, p: float = 3.0, learn_p: bool = True,
-                 eps: float = 1e-6, channel_weight: float = 1.0, spatial_weight: float = 1.0):
+    def __init__(self, channels: int,
+                 reduction: int = 4,             # channel reduction of the learned 1x1 convolution
+                 p: float = 3.0,                 # initial GeM power
+                 learn_p: bool = True,           # learn the GeM power
+                 eps: float = 1e-6,              # GeM clamp
+                 channel_weight: float = 1.0,    # the paper's gamma_c
+                 spatial_weight: float = 1.0):   # the paper's gamma_s
         super().__init__()
         if not isinstance(channels, int) or channels < 1 or reduction < 1:
             raise ValueError(f"MarsPooled needs channels >= 1 and reduction >= 1; got channels={channels!r}, "
@@ -220,7 +322,9 @@ class MarsPooled(nn.Module):
                              f"got {channel_weight}, {spatial_weight}")
         self.channels, self.eps = channels, eps
         self.channel_weight, self.spatial_weight = float(channel_weight), float(spatial_weight)
-        self.reduce = nn.Conv2d(channels, max(1, channels // reduction), kernel_size=1)
+        c = max(1, channels // reduction)
+        self.reduce = nn.Conv2d(channels, c, kernel_size=1, bias=False)   # no bias: a scaled reduction is the same reduction
+        self.act = nn.ModuleDict({k: nn.PReLU() for k in ("c", "h", "w")})
         p = torch.tensor(float(p))
         if learn_p:
             self.p = nn.Parameter(p)
@@ -228,25 +332,31 @@ class MarsPooled(nn.Module):
             self.register_buffer("p", p)
 
     def pooled(self, f: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        "Channel [B,C'], height [B,C'·h] and width [B,C'·w] vectors of one view `f` [B,C,h,w]."
+        "Raw GeM vectors of one view `f` [B,C,h,w]: channel [B,C'], height [B,C',h], width [B,C',w]."
         x = self.reduce(f)
-        B, _, h, w = x.shape
-        wts = _pixel_weights(valid, B, h, w, x)[:, None]
+        wts = _pixel_weights(valid, x)[:, None]
         p = self.p.clamp_min(1.0)
-        c = _masked_gem(x, wts, (2, 3), p, self.eps)
-        hv = _masked_gem(x, wts, (3,), p, self.eps).flatten(1)
-        wv = _masked_gem(x, wts, (2,), p, self.eps).flatten(1)
-        return c, hv, wv
+        return (_masked_gem(x, wts, (2, 3), p, self.eps), _masked_gem(x, wts, (3,), p, self.eps),
+                _masked_gem(x, wts, (2,), p, self.eps))
 
     def forward(self, f1: Tensor, f2: Tensor, valid: Tensor | None = None) -> Tensor:
         "Pooled distance between aligned views `f1`, `f2` [B,C,h,w] (sample b against sample b)."
         _check_pair(f1, f2, "MarsPooled", (4,))
         if f1.shape[1] != self.channels:
             raise ValueError(f"MarsPooled was built for {self.channels} channels, got maps with {f1.shape[1]}")
-        (c1, h1, w1), (c2, h2, w2) = self.pooled(f1, valid), self.pooled(f2, valid)
-        d = lambda u, v: (1.0 - F.cosine_similarity(u, v, dim=1, eps=1e-8)).mean()
+        if f1.shape[0] < 2:
+            raise ValueError("MarsPooled standardizes its vectors over the batch: it needs at least 2 samples per view, "
+                             f"got {f1.shape[0]}")
+        d = {}
+        for k, u, v in zip("chw", self.pooled(f1, valid), self.pooled(f2, valid)):
+            u, v = _standardize(u, v)
+            d[k] = (1.0 - F.cosine_similarity(self.act[k](u).flatten(1), self.act[k](v).flatten(1), dim=1, eps=1e-8)).mean()
         cw, sw = self.channel_weight, self.spatial_weight
-        return (cw * d(c1, c2) + sw * (d(h1, h2) + d(w1, w2))) / (cw + 2 * sw)
+        return (cw * d["c"] + sw * (d["h"] + d["w"])) / (cw + 2 * sw)
+
+
+DISTANCES["feature"]["mars_pooled"] = Distance("mars_pooled", "feature", None,
+                                               tuple(inspect.signature(MarsPooled).parameters)[1:], module=MarsPooled)
 
 # %% ../nbs/04_losses.ipynb #c021
 def block_rows(batch: int, num_blocks: int) -> Tensor:
@@ -255,55 +365,42 @@ def block_rows(batch: int, num_blocks: int) -> Tensor:
     return torch.arange(batch * num_blocks).reshape(batch, num_blocks)
 
 # %% ../nbs/04_losses.ipynb #c025
-STAGES = ("backbone", "pixel_decoder", "attention")
-"The three places MARS taps, in data-flow order."
-
-STAGE_TAPS = {"backbone": ("res2", "res3", "res4", "res5"),
-              "pixel_decoder": ("mask_features", "ms0", "ms1", "ms2")}
-"Tap names within the feature stages; attention taps are `layer{i}`."
-
-STAGE_DISTANCES = {"backbone": FEATURE_DISTANCES + ("mars_pooled",),
-                   "pixel_decoder": FEATURE_DISTANCES + ("mars_pooled",),
-                   "attention": ATTENTION_DISTANCES}
-"Which distances fit which stage."
-
 DEFAULT_STAGES = {
     "backbone": {"weight": 0.05, "distance": "cosine", "taps": ["res4", "res5"]},
     "pixel_decoder": {"weight": 0.10, "distance": "cosine", "taps": ["mask_features", "ms0", "ms1", "ms2"]},
     "attention": {"weight": 0.15, "distance": "js", "taps": "all"},
+    "output": {"weight": 0.10, "distance": "js", "taps": "all"},
 }
-"Per-stage defaults (the hybrid preset's stages)."
+"Per-stage defaults: what a stage named in a configuration gets for the keys it leaves out."
 
-DISTANCE_OPTIONS = {
-    "cosine": ("eps",), "mse": (), "smooth_l1": ("beta",),
-    "infonce": ("tau", "num_negatives", "max_anchors", "symmetric"),
-    "mars_pooled": ("reduction", "p", "learn_p", "eps", "channel_weight", "spatial_weight"),
-    "js": ("eps",), "kl": ("eps",),
+PRESETS: dict[str, dict[str, dict]] = {
+    "backbone": {"backbone": {}},
+    "pixel": {"pixel_decoder": {}},
+    "attention": {"attention": {}},
+    "hybrid": {"backbone": {}, "pixel_decoder": {}, "attention": {}},
+    "paper": {"backbone": {"weight": 0.15, "distance": "mars_pooled", "taps": ["res2", "res3", "res4", "res5"]}},
+    "output": {"output": {}},
 }
-"Keyword options each distance accepts in a stage's `options`."
+"Each preset's stages, as overrides of `DEFAULT_STAGES`."
 
+PRESET_NAMES = tuple(PRESETS)
 GRADIENT_MODES = ("symmetric", "stop_grad")
 MATCHING_MODES = ("index", "hungarian")
-PRESET_NAMES = ("backbone", "pixel", "attention", "hybrid", "paper")
-_TOP_KEYS = ("stages", "gradient", "matching", "margin", "per_head", "seed")
+TOP_DEFAULTS = {"gradient": "symmetric", "matching": "index", "margin": 1.0, "per_head": False, "seed": 0}
+"The configuration's keys besides `stages`, with their defaults."
 
-# default strides per tap (meta overrides them); attention layer i attends level i % 3
-DEFAULT_STRIDES = {"backbone.res2": 4, "backbone.res3": 8, "backbone.res4": 16, "backbone.res5": 32,
-                   "pixel_decoder.mask_features": 4, "pixel_decoder.ms0": 32, "pixel_decoder.ms1": 16,
-                   "pixel_decoder.ms2": 8}
-_LEVEL_STRIDES = (32, 16, 8)
+
+def stage_distances(stage: str) -> tuple[str, ...]:
+    "Names of the distances that fit `stage` (from the registry)."
+    return tuple(DISTANCES[STAGE_KINDS[stage]])
 
 
 def mars_preset(name: str = "hybrid") -> dict:
-    """A MARS configuration dict (see above) for preset `name`: backbone, pixel, attention, hybrid, paper."""
-    stages = {"backbone": ["backbone"], "pixel": ["pixel_decoder"], "attention": ["attention"],
-              "hybrid": list(STAGES), "paper": []}
-    if name not in stages:
+    """A MARS configuration dict (see above) for preset `name`: backbone, pixel, attention, hybrid, paper, output."""
+    if name not in PRESETS:
         raise ValueError(f"unknown MARS preset {name!r}; valid: {', '.join(PRESET_NAMES)}")
-    st = {s: copy.deepcopy(DEFAULT_STAGES[s]) for s in stages[name]}
-    if name == "paper":
-        st = {"backbone": {"weight": 0.15, "distance": "mars_pooled", "taps": list(STAGE_TAPS["backbone"])}}
-    return {"stages": st, "gradient": "symmetric", "matching": "index", "margin": 0, "per_head": False, "seed": 0}
+    stages = {s: {**copy.deepcopy(DEFAULT_STAGES[s]), **copy.deepcopy(v)} for s, v in PRESETS[name].items()}
+    return {"stages": stages, **TOP_DEFAULTS}
 
 # %% ../nbs/04_losses.ipynb #c027
 def _tap_name(stage: str, tap) -> str:
@@ -319,8 +416,8 @@ def _tap_name(stage: str, tap) -> str:
         if not re.fullmatch(r"layer\d+", short):
             raise ValueError(f"unknown tap {tap!r} for stage 'attention'; valid: layer0, layer1, ... "
                              "(or a layer index, or 'all')")
-    elif short not in STAGE_TAPS[stage]:
-        raise ValueError(f"unknown tap {tap!r} for stage {stage!r}; valid: {', '.join(STAGE_TAPS[stage])} (or 'all')")
+    elif short not in TAP_NAMES[stage]:
+        raise ValueError(f"unknown tap {tap!r} for stage {stage!r}; valid: {', '.join(TAP_NAMES[stage])} (or 'all')")
     return f"{stage}.{short}"
 
 
@@ -357,12 +454,11 @@ class StageSpec:
             raise ValueError(f"unknown key(s) {sorted(extra)} in stage {stage!r}; valid: weight, distance, taps, options")
         d = DEFAULT_STAGES[stage]
         weight = _check_weight(stage, spec.get("weight", d["weight"]))
-        distance = spec.get("distance", d["distance"])
-        if distance not in STAGE_DISTANCES[stage]:
-            other = [s for s in STAGES if distance in STAGE_DISTANCES[s]]
-            hint = f" ({distance!r} is for stage(s) {', '.join(other)})" if other else ""
-            raise ValueError(f"distance {distance!r} does not fit stage {stage!r}{hint}; "
-                             f"valid for {stage}: {', '.join(STAGE_DISTANCES[stage])}")
+        name = spec.get("distance", d["distance"])
+        try:
+            dist = get_distance(name, STAGE_KINDS[stage])
+        except ValueError as e:
+            raise ValueError(f"stage {stage!r}: {e}") from None
         taps = spec.get("taps", d["taps"])
         if isinstance(taps, (str, int)) and taps != "all":
             taps = [taps]
@@ -371,11 +467,11 @@ class StageSpec:
                 raise ValueError(f"stage {stage!r} has no taps; give names or 'all'")
             taps = tuple(dict.fromkeys(_tap_name(stage, t) for t in taps))
         options = dict(spec.get("options") or {})
-        bad = set(options) - set(DISTANCE_OPTIONS[distance])
+        bad = set(options) - set(dist.options)
         if bad:
-            raise ValueError(f"unknown option(s) {sorted(bad)} for distance {distance!r}; "
-                             f"valid: {', '.join(DISTANCE_OPTIONS[distance]) or 'none'}")
-        return cls(weight, distance, taps, options)
+            raise ValueError(f"unknown option(s) {sorted(bad)} for distance {name!r}; "
+                             f"valid: {', '.join(dist.options) or 'none'}")
+        return cls(weight, name, taps, options)
 
     def to_dict(self, stage: str) -> dict:
         "Plain-data form (short tap names) that `make` reads back."
@@ -396,9 +492,9 @@ def resolve_config(cfg: str | Mapping | None = None) -> dict:
     if not isinstance(cfg, Mapping):
         raise ValueError(f"a MARS config is a preset name or a dict, got {type(cfg).__name__}")
     cfg = dict(cfg)
-    extra = set(cfg) - set(_TOP_KEYS) - {"preset"}
+    extra = set(cfg) - {"preset", "stages", *TOP_DEFAULTS}
     if extra:
-        raise ValueError(f"unknown MARS config key(s) {sorted(extra)}; valid: preset, {', '.join(_TOP_KEYS)}")
+        raise ValueError(f"unknown MARS config key(s) {sorted(extra)}; valid: preset, stages, {', '.join(TOP_DEFAULTS)}")
     if "preset" in cfg:
         out = mars_preset(cfg.pop("preset"))
         for stage, spec in dict(cfg.pop("stages", None) or {}).items():
@@ -411,9 +507,11 @@ def resolve_config(cfg: str | Mapping | None = None) -> dict:
                 out["stages"][stage] = {**out["stages"].get(stage, {}), **spec}
         out.update(cfg)
     else:
-        out = {**mars_preset("hybrid"), **cfg}
         if "stages" not in cfg:
             raise ValueError("a MARS config without 'preset' needs 'stages' (a dict stage -> {weight, distance, taps})")
+        out = {**TOP_DEFAULTS, **cfg}
+        if not isinstance(cfg["stages"], Mapping):
+            raise ValueError(f"'stages' must be a dict stage -> {{weight, distance, taps}}, got {cfg['stages']!r}")
         out["stages"] = {s: v for s, v in dict(cfg["stages"]).items() if v is not None}
     if not isinstance(out["stages"], Mapping) or not out["stages"]:
         raise ValueError(f"a MARS config needs at least one stage out of {', '.join(STAGES)}")
@@ -422,7 +520,8 @@ def resolve_config(cfg: str | Mapping | None = None) -> dict:
     _check_choice("matching", out["matching"], MATCHING_MODES)
     m = out["margin"]
     if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or m < 0:
-        raise ValueError(f"margin must be a finite number >= 0 (pixels of each tap's grid), got {m!r}")
+        raise ValueError(f"margin must be a finite number >= 0 (cells of each tap's grid), got {m!r}")
+    out["margin"] = float(m)
     if not isinstance(out["per_head"], bool):
         raise ValueError(f"per_head must be True or False, got {out['per_head']!r}")
     if isinstance(out["seed"], bool) or not isinstance(out["seed"], int):
@@ -430,47 +529,28 @@ def resolve_config(cfg: str | Mapping | None = None) -> dict:
     return out
 
 # %% ../nbs/04_losses.ipynb #c030
-from .taps import Taps, find_family, split_views, stage_taps
-
 # model -> {stage/tap selection: (tap specs, attention level specs)}; forgets a model when it is freed
 _TAP_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-from .views import align_attention, crop_extent, match_queries, warp_back
 
 
-def _lookup(meta: Mapping, key: str, name: str):
-    "Per-tap metadata: `meta[key + 's'][name]`, `meta[key][name]` or `meta[name][key]` (None if absent)."
-    for group in (key + "s", key):
-        g = meta.get(group)
-        if isinstance(g, Mapping) and name in g:
-            return g[name]
-    per_tap = meta.get(name)
-    if isinstance(per_tap, Mapping) and key in per_tap:
-        return per_tap[key]
-    return None
+def _tap_geometry(name: str, meta: Mapping) -> TapMeta:
+    m = meta.get(name)
+    if not isinstance(m, TapMeta):
+        raise ValueError(f"no geometry for tap {name!r}: pass meta={{{name!r}: TapMeta(Lattice(stride, offset))}}, or the "
+                         "Taps object itself (MarsLoss.taps(model)), whose .meta has every tap's lattice")
+    return m
 
 
-def _tap_stride(name: str, meta: Mapping) -> int:
-    s = _lookup(meta, "stride", name)
-    if s is not None:
-        return int(s)
-    if name in DEFAULT_STRIDES:
-        return DEFAULT_STRIDES[name]
-    m = re.fullmatch(r"attention\.layer(\d+)", name)
-    if m:
-        return _LEVEL_STRIDES[int(m.group(1)) % 3]
-    raise ValueError(f"no stride for tap {name!r}: pass meta={{'strides': {{{name!r}: s}}}}")
-
-
-def _attention_hw(name: str, n: int, stride: int, image_size: tuple[int, int], meta: Mapping) -> tuple[int, int]:
-    hw = _lookup(meta, "hw", name)
-    if hw is not None:
-        return int(hw[0]), int(hw[1])
-    H, W = image_size
-    for h, w in ((-(-H // stride), -(-W // stride)), (-(-H // 32) * 32 // stride, -(-W // 32) * 32 // stride)):
+def _attention_hw(name: str, n: int, m: TapMeta, image_size: tuple[int, int]) -> tuple[int, int]:
+    "The attention level's grid: from `meta`, else the unpadded or 32-padded grid whose size is `n`."
+    if m.hw is not None:
+        return m.hw
+    (H, W), s = image_size, m.stride
+    for h, w in ((-(-H // s), -(-W // s)), (-(-H // 32) * 32 // s, -(-W // 32) * 32 // s)):
         if h * w == n:
             return h, w
-    raise ValueError(f"cannot tell the grid of attention tap {name!r} ({n} keys at stride {stride}, image {image_size}): "
-                     f"pass meta={{'hw': {{{name!r}: (h, w)}}}}")
+    raise ValueError(f"cannot tell the grid of attention tap {name!r} ({n} keys at stride {s}, image {image_size}): "
+                     f"give its TapMeta hw=(h, w)")
 
 
 def _gather_queries(p: Tensor, perm: Tensor) -> Tensor:
@@ -482,12 +562,6 @@ def _gather_queries(p: Tensor, perm: Tensor) -> Tensor:
 
 def _module_key(name: str) -> str:
     return name.replace(".", "__")
-
-
-def tap_channels(captured: Mapping[str, Tensor]) -> dict[str, int]:
-    "Channel count of every feature tap (4-d maps `[B, C, h, w]`) in a dict of captured tensors."
-    return {k: int(v.shape[1]) for k, v in captured.items() if isinstance(v, Tensor) and v.dim() == 4
-            and not k.startswith("attention.")}
 
 
 def _split(obj, meta: Mapping | None) -> tuple[dict, dict, dict]:
@@ -503,45 +577,18 @@ def _split(obj, meta: Mapping | None) -> tuple[dict, dict, dict]:
     return v1, v2, meta
 
 
-def _model_channels(model: nn.Module) -> dict[str, int]:
-    "Channel counts of the feature taps of a Hugging Face or detectron2 Mask2Former (best effort)."
-    family, prefix = find_family(model)
-    sub = lambda p: model.get_submodule(f"{prefix}.{p}" if prefix else p)
-    out: dict[str, int] = {}
-    if family == "hf":
-        enc = sub("pixel_level_module.encoder")
-        cfg = getattr(sub("pixel_level_module").decoder, "config", None) or getattr(model, "config", None)
-        chans = list(getattr(enc, "channels", []) or getattr(getattr(cfg, "backbone_config", None), "hidden_sizes", []))
-        out.update({f"backbone.res{i + 2}": int(c) for i, c in enumerate(chans[-4:])})
-        if cfg is not None:
-            out.update({f"pixel_decoder.ms{i}": int(cfg.feature_size) for i in range(3)})
-            out["pixel_decoder.mask_features"] = int(cfg.mask_feature_size)
-    else:
-        bb = sub("backbone")
-        if hasattr(bb, "output_shape"):
-            out.update({f"backbone.{k}": int(v.channels) for k, v in bb.output_shape().items()})
-        mf = getattr(getattr(sub("sem_seg_head"), "pixel_decoder", None), "mask_features", None)
-        if isinstance(mf, nn.Conv2d):
-            out["pixel_decoder.mask_features"] = mf.out_channels
-            out.update({f"pixel_decoder.ms{i}": mf.in_channels for i in range(3)})
-    return out
-
-
-def _model_taps(model: nn.Module, cfg: Mapping) -> tuple[list[str], dict[str, int]]:
-    "Tap names `model` offers for the configured stages, and the channel counts that can be read from it."
-    names = [s.name for s in stage_taps(model, list(cfg["stages"]))]
-    uses_pooled = any(v["distance"] == "mars_pooled" for v in cfg["stages"].values())
-    return names, (_model_channels(model) if uses_pooled else {})
+def _as_float(t: Tensor) -> Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 class MarsLoss(nn.Module):
-    """Multi-stage MARS consistency loss between an upright view and a rotated view.
+    """L = Σ_s w_s · mean over the stage's taps of d_s(align(v1[t]), align(v2[t])): the multi-stage MARS loss.
 
     `stages`: a config (see `resolve_config`: preset name, `{"preset": ..., ...}` or a full dict) or
     a mapping stage -> {weight, distance, taps, options}; None gives the hybrid preset. `gradient`:
-    symmetric | stop_grad; `matching`: index | hungarian; `margin`: valid-mask erosion in pixels of
-    each tap's grid. `channels` (tap name -> C) is needed for `mars_pooled` taps, to create their
-    learned reductions now. `valid_taps`, when given (the tap names a model offers), is checked
+    symmetric | stop_grad; `matching`: index | hungarian; `margin`: valid-region erosion in cells of
+    each tap's grid. `channels` (tap name -> C) is needed for learned distances (`mars_pooled`), to
+    create their modules now. `valid_taps`, when given (the tap names a model offers), is checked
     against the selected taps."""
 
     def __init__(self, stages: str | Mapping | None = None, gradient: str | None = None,
@@ -553,8 +600,7 @@ class MarsLoss(nn.Module):
             stages = {"stages": dict(stages)}  # a bare stage mapping
         cfg = resolve_config(stages)
         given = dict(gradient=gradient, matching=matching, margin=margin, per_head=per_head, seed=seed)
-        cfg.update({k: v for k, v in given.items() if v is not None})
-        cfg = resolve_config(cfg)
+        cfg = resolve_config({**cfg, **{k: v for k, v in given.items() if v is not None}})
         self._config = cfg
         self.gradient, self.matching = cfg["gradient"], cfg["matching"]
         self.margin, self.per_head, self.seed = cfg["margin"], cfg["per_head"], cfg["seed"]
@@ -567,38 +613,37 @@ class MarsLoss(nn.Module):
                     avail = sorted(t for t in offered if t.startswith(stage + "."))
                     raise ValueError(f"unknown tap(s) {missing} for stage {stage!r} of this model; "
                                      f"valid: {', '.join(avail) or 'none'}")
-        self.pooled = nn.ModuleDict()
+        self.learned = nn.ModuleDict()
         for stage, spec in self.stages.items():
-            if spec.distance != "mars_pooled":
+            d = get_distance(spec.distance, STAGE_KINDS[stage])
+            if d.module is None:
                 continue
-            names = spec.taps if spec.taps != "all" else sorted(
-                t for t in (channels or {}) if t.startswith(stage + "."))
+            names = spec.taps if spec.taps != "all" else sorted(t for t in (channels or {}) if t.startswith(stage + "."))
             for name in names:
-                if channels is None or name not in channels:
-                    raise ValueError(f"mars_pooled on {name!r} needs its channel count to create the learned "
-                                     f"reduction: pass channels={{{name!r}: C, ...}} (e.g. tap_channels(captured)) "
-                                     "or build with MarsLoss.from_config(cfg, model=model)")
-                self.pooled[_module_key(name)] = MarsPooled(int(channels[name]), **spec.options)
+                if channels is None or not channels.get(name):
+                    raise ValueError(f"{spec.distance} on {name!r} needs its channel count to create its learned "
+                                     f"module: pass channels={{{name!r}: C, ...}} or build with "
+                                     "MarsLoss.from_config(cfg, model=model)")
+                self.learned[_module_key(name)] = d.module(int(channels[name]), **spec.options)
         self._generator = torch.Generator().manual_seed(self.seed)
 
     @classmethod
     def from_config(cls, cfg: str | Mapping | None = None, model: nn.Module | None = None,
                     channels: Mapping[str, int] | None = None) -> "MarsLoss":
         """Build from a config (preset name or dict, see `resolve_config`). With `model`, tap names
-        are checked against what the model offers and `mars_pooled` channel counts are read from it."""
+        are checked against what the model offers and channel counts are read from it."""
         cfg = resolve_config(cfg)
         valid_taps = None
         if model is not None:
-            valid_taps, found = _model_taps(model, cfg)
-            channels = {**found, **(channels or {})}
+            meta = tap_meta(model)
+            valid_taps = [s.name for s in stage_taps(model, list(cfg["stages"]))]
+            channels = {**{k: m.channels for k, m in meta.items() if m.channels}, **(channels or {})}
         return cls(cfg, channels=channels, valid_taps=valid_taps)
 
     def tap_specs(self, model: nn.Module) -> list:
         "The `TapSpec`s of `model` this loss reads (for `Taps`)."
-        specs = []
-        for stage, spec in self.stages.items():
-            specs += stage_taps(model, stage, select=None if spec.taps == "all" else list(spec.taps))
-        return specs
+        return [t for stage, spec in self.stages.items()
+                for t in stage_taps(model, stage, select=None if spec.taps == "all" else list(spec.taps))]
 
     def taps(self, model: nn.Module) -> Taps:
         """A `Taps` context manager capturing what this loss needs; pass it to `forward` after the model's forward.
@@ -624,9 +669,7 @@ class MarsLoss(nn.Module):
         "The taps stage `stage` reads, given the names `available` in the captured tensors."
         spec = self.stages[stage]
         if spec.taps == "all":
-            names = [n for n in available if n.startswith(stage + ".")]
-            key = lambda n: (len(n), n)
-            names = sorted(names, key=key)
+            names = sorted((n for n in available if n.startswith(stage + ".")), key=lambda n: (len(n), n))
             if not names:
                 raise ValueError(f"stage {stage!r} selects all its taps but none was captured; "
                                  f"captured: {', '.join(sorted(available)) or 'nothing'}")
@@ -637,23 +680,14 @@ class MarsLoss(nn.Module):
                              f"captured: {', '.join(sorted(available)) or 'nothing'}")
         return list(spec.taps)
 
-    def _feature_term(self, name: str, spec: StageSpec, x1: Tensor, x2: Tensor, angle, image_size, meta) -> Tensor:
-        s = _tap_stride(name, meta)
-        f1 = crop_extent(x1, image_size, s)
-        f2, valid = warp_back(x2, angle, image_size, s, self.margin)
-        if spec.distance == "mars_pooled":
-            key = _module_key(name)
-            if key not in self.pooled:
-                raise ValueError(f"no mars_pooled reduction for tap {name!r}: it was not known when the loss was "
-                                 "built (pass channels= or model= at construction)")
-            return self.pooled[key](f1, f2, valid), valid.any()
-        return feature_distance(f1, f2, valid, spec.distance, generator=self._generator, **spec.options), valid.any()
-
-    def _attention_term(self, name: str, spec: StageSpec, a1: Tensor, a2: Tensor, angle, image_size, meta,
-                        perm: Tensor | None) -> Tensor:
-        s = _tap_stride(name, meta)
-        hw = _attention_hw(name, a1.shape[-1], s, image_size, meta)
-        p1, p2, valid = align_attention(a1, a2, hw, angle, image_size, s, self.margin)
+    # -- one tap ------------------------------------------------------------------------------
+    def _maps(self, name: str, stage: str, x1: Tensor, x2: Tensor, angle, image_size, m: TapMeta, perm):
+        "Both views aligned on one grid, and that grid's valid cells."
+        if stage != "attention":
+            f2, valid = warp_back(x2, angle, image_size, m.lattice, self.margin)
+            return crop_extent(x1, image_size, m.stride), f2, valid
+        hw = _attention_hw(name, x1.shape[-1], m, image_size)
+        p1, p2, valid = align_attention(x1, x2, hw, angle, image_size, m.lattice, self.margin)
         if self.matching == "hungarian":
             if perm is None:
                 with torch.no_grad():
@@ -665,72 +699,96 @@ class MarsLoss(nn.Module):
                 raise ValueError(f"query matching gives {tuple(perm.shape)} but tap {name!r} has "
                                  f"{p2.shape[-3]} queries per sample")
             p2 = _gather_queries(p2, perm)
-        return attention_distance(p1, p2, valid, spec.distance, **spec.options), valid.any()
+        return p1, p2, valid
+
+    def tap_term(self, stage: str, name: str, x1: Tensor, x2: Tensor, angle, image_size, meta: Mapping,
+                 perm: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        "(distance of one tap after alignment, whether any cell was valid) for view tensors `x1`, `x2`."
+        spec = self.stages[stage]
+        a, b, valid = self._maps(name, stage, x1, x2, angle, image_size, _tap_geometry(name, meta), perm)
+        d = get_distance(spec.distance, STAGE_KINDS[stage])
+        if d.module is not None:
+            key = _module_key(name)
+            if key not in self.learned:
+                raise ValueError(f"no {spec.distance} module for tap {name!r}: it was not known when the loss was "
+                                 "built (pass channels= or model= at construction)")
+            return self.learned[key](a, b, valid), valid.any()
+        extra = {"generator": self._generator} if "generator" in inspect.signature(d.fn).parameters else {}
+        return d.fn(a, b, valid, **spec.options, **extra), valid.any()
+
+    # -- one stage, all stages ----------------------------------------------------------------
+    def stage_term(self, stage: str, v1: Mapping, v2: Mapping, angle, image_size, meta: Mapping,
+                   perm: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        "(mean over the stage's taps that have valid cells, {'mars/<tap>': term}) of one stage."
+        spec = self.stages[stage]
+        terms, used, per_tap = [], [], {}
+        with torch.set_grad_enabled(torch.is_grad_enabled() and spec.weight > 0):
+            for name in self.tap_names(stage, list(v1)):
+                if name not in v2:
+                    raise ValueError(f"tap {name!r} is in view 1 but not in view 2; view 2 has: {', '.join(sorted(v2))}")
+                x1, x2 = _as_float(v1[name]), _as_float(v2[name])
+                if self.gradient == "stop_grad":
+                    x1 = x1.detach()
+                t, ok = self.tap_term(stage, name, x1, x2, angle, image_size, meta, perm)
+                terms.append(t); used.append(ok); per_tap[f"mars/{name}"] = t
+            u = torch.stack(used).to(terms[0].dtype)          # no host sync: a tensor of weights
+            return (torch.stack(terms) * u).sum() / u.sum().clamp_min(1.0), per_tap
 
     def _mask_perm(self, meta: Mapping, angle, image_size) -> Tensor | None:
         "Hungarian matching from the final mask logits in `meta` (None without them)."
         ml = meta.get("mask_logits")
         if self.matching != "hungarian" or ml is None:
             return None
+        lattice = meta.get("mask_lattice")
+        if lattice is None:
+            raise ValueError("meta['mask_logits'] needs meta['mask_lattice'], the lattice of the mask logits "
+                             "(tap_meta(model)['output.classes'].lattice)")
         if isinstance(ml, Tensor):  # the two-view batch's logits [2B, Q, h, w]
             if ml.shape[0] % 2:
                 raise ValueError(f"mask_logits of a two-view batch need an even batch, got shape {tuple(ml.shape)}")
             ml = (ml[: ml.shape[0] // 2], ml[ml.shape[0] // 2:])
-        m1, m2 = (m.float() for m in ml)
-        s = int(meta.get("mask_stride", 4))
+        m1, m2 = (m.detach().float() for m in ml)
         with torch.no_grad():
-            m1c = crop_extent(m1.detach(), image_size, s)
-            m2w, valid = warp_back(m2.detach(), angle, image_size, s, self.margin)
-            return match_queries(m1c, m2w, valid, logits=True)
+            m2w, valid = warp_back(m2, angle, image_size, lattice, self.margin)
+            return match_queries(crop_extent(m1, image_size, lattice.stride), m2w, valid, logits=True)
 
     def forward(self, v1, v2: Mapping[str, Tensor] | None = None, angle: float = 0.0,
                 image_size: tuple[int, int] | None = None, meta: Mapping | None = None,
                 per_tap: bool = False) -> dict[str, Tensor]:
         """MARS terms for view-1 tensors `v1` and view-2 tensors `v2` (dicts tap name -> Tensor).
 
-        `angle`: the view-2 rotation (degrees, CCW); `image_size`: the unpadded (H, W) of the images;
-        `meta`: strides / attention grids / optional mask logits (see above). If `v2` is None, `v1` is
-        a `Taps` object or a dict of the concatenated batch `[view 1; view 2]` and is split in halves.
-        Returns {"mars/<stage>": term, ..., "mars/total": Σ weight·term} (and "mars/<tap>" per tap
-        with `per_tap=True`)."""
+        `angle`: the view-2 rotation relative to view 1 (degrees, CCW); `image_size`: the unpadded (H, W) of
+        the images; `meta`: tap name -> `TapMeta` (and optional mask logits, see above). If `v2` is None, `v1`
+        is a `Taps` object or a dict of the concatenated batch `[view 1; view 2]` and is split in halves.
+        Returns {"mars/<stage>": term, ..., "mars/total": Σ weight·term} (and "mars/<tap>" per tap with `per_tap=True`)."""
         if v2 is None:
             v1, v2, meta = _split(v1, meta)
-        meta = dict(meta or {})
         if image_size is None:
             raise ValueError("image_size (H, W) of the unpadded images is required")
-        image_size = (int(image_size[0]), int(image_size[1]))
-        if isinstance(angle, Tensor):
-            angle = float(angle.reshape(-1)[0])
-        out: dict[str, Tensor] = {}
-        total = None
-        # distances in float32 even inside a mixed-precision step (the inputs are upcast below)
+        meta, image_size = dict(meta or {}), (int(image_size[0]), int(image_size[1]))
+        angle = float(angle.reshape(-1)[0]) if isinstance(angle, Tensor) else angle
         dev = next((t.device for t in v1.values() if isinstance(t, Tensor)), torch.device("cpu"))
+        out: dict[str, Tensor] = {}
         with torch.autocast(device_type=dev.type, enabled=False):
             perm = self._mask_perm(meta, angle, image_size)
-            for stage, spec in self.stages.items():
-                names = self.tap_names(stage, list(v1))
-                terms, used = [], []
-                with torch.set_grad_enabled(torch.is_grad_enabled() and spec.weight > 0):
-                    for name in names:
-                        if name not in v2:
-                            raise ValueError(f"tap {name!r} is in view 1 but not in view 2; "
-                                             f"view 2 has: {', '.join(sorted(v2))}")
-                        x1, x2 = (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-                                  for t in (v1[name], v2[name]))
-                        if self.gradient == "stop_grad":
-                            x1 = x1.detach()
-                        if stage == "attention":
-                            t, u = self._attention_term(name, spec, x1, x2, angle, image_size, meta, perm)
-                        else:
-                            t, u = self._feature_term(name, spec, x1, x2, angle, image_size, meta)
-                        terms.append(t)
-                        used.append(u)
-                        if per_tap:
-                            out[f"mars/{name}"] = t
-                    # mean over the taps that have valid pixels (no host sync: a tensor of weights)
-                    u = torch.stack(used).to(terms[0].dtype)
-                    term = (torch.stack(terms) * u).sum() / u.sum().clamp_min(1.0)
-                out[f"mars/{stage}"] = term
-                total = spec.weight * term if total is None else total + spec.weight * term
-        out["mars/total"] = total
+            for stage in self.stages:
+                out[f"mars/{stage}"], taps = self.stage_term(stage, v1, v2, angle, image_size, meta, perm)
+                out.update(taps if per_tap else {})
+        out["mars/total"] = sum(spec.weight * out[f"mars/{s}"] for s, spec in self.stages.items())
         return out
+
+# %% ../nbs/04_losses.ipynb #n1b08117
+def gradient_shares(model: nn.Module, weighted: Mapping[str, Tensor], supervised: Tensor) -> dict[str, Tensor]:
+    """Per stage: ‖∇(weighted[stage])‖ / ‖∇ supervised‖ on the parameters of the module producing that stage.
+    `weighted`: stage -> its weighted MARS term (still attached to the graph); the graph is kept for backward."""
+    family, prefix = find_family(model)
+    lay = LAYOUTS[family]
+    norm = lambda gs: torch.sqrt(sum((g.float().pow(2).sum() for g in gs if g is not None), torch.zeros(())))
+    out = {}
+    for stage, term in weighted.items():
+        path = f"{prefix}.{lay.stage_modules[stage]}" if prefix else lay.stage_modules[stage]
+        params = [p for p in model.get_submodule(path).parameters() if p.requires_grad]
+        gm = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+        gs = torch.autograd.grad(supervised, params, retain_graph=True, allow_unused=True)
+        out[stage] = (norm(gm) / norm(gs).clamp_min(1e-12)).detach()
+    return out

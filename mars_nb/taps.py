@@ -305,6 +305,7 @@ class TapLayout:
     output_select: Callable
     geometry: Callable[[nn.Module, str], dict[str, tuple[int, int | None]]]   # tap -> (stride, channels)
     backbone_lattice: Callable[[nn.Module, str], str | None]                  # 'corner', 'centred' or None (measure)
+    stage_modules: dict[str, str]              # stage -> the module producing its tensors (its parameters)
 
     def is_family(self, kids: dict[str, set[str]], prefix: str) -> bool:
         "Whether the module at `prefix` (children `kids[prefix]`) is a Mask2Former of this family."
@@ -363,7 +364,9 @@ LAYOUTS: dict[str, TapLayout] = {
         mask_features=partial(_attr, name="mask_features"), multi_scale=lambda i: partial(_multi_scale, i=i),
         cross_attn="transformer_module.decoder.layers.{i}.cross_attn", decoder_layers="transformer_module.decoder.layers",
         output=lambda prefix: prefix.rpartition(".")[0], output_select=_hf_output,
-        geometry=_hf_geometry, backbone_lattice=_hf_backbone_lattice),
+        geometry=_hf_geometry, backbone_lattice=_hf_backbone_lattice,
+        stage_modules={"backbone": "pixel_level_module.encoder", "pixel_decoder": "pixel_level_module.decoder",
+                       "attention": "transformer_module", "output": "transformer_module"}),
     "detectron2": TapLayout(
         family="detectron2", marker=("backbone", "sem_seg_head"),
         backbone="backbone", backbone_map=lambda i: partial(_dict_item, key=f"res{i + 2}"),
@@ -372,7 +375,9 @@ LAYOUTS: dict[str, TapLayout] = {
         cross_attn="sem_seg_head.predictor.transformer_cross_attention_layers.{i}.multihead_attn",
         decoder_layers="sem_seg_head.predictor.transformer_cross_attention_layers",
         output=lambda prefix: _join(prefix, "sem_seg_head.predictor"), output_select=_d2_output,
-        geometry=_d2_geometry, backbone_lattice=_d2_backbone_lattice),
+        geometry=_d2_geometry, backbone_lattice=_d2_backbone_lattice,
+        stage_modules={"backbone": "backbone", "pixel_decoder": "sem_seg_head.pixel_decoder",
+                       "attention": "sem_seg_head.predictor", "output": "sem_seg_head.predictor"}),
 }
 "The tap layout of each model family: a third family is one more entry."
 
