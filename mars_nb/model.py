@@ -22,7 +22,7 @@ from .views import IGNORE
 
 # %% auto #0
 __all__ = ['PRESETS', 'PRESET_NAMES', 'preset_config', 'adapt_input_channels', 'build_model', 'pad_to_multiple',
-           'semantic_targets', 'semantic_probs', 'predict_semantic']
+           'semantic_targets', 'valid_points', 'mask2former_loss', 'semantic_probs', 'predict_semantic']
 
 # %% ../nbs/02_model.ipynb #c005
 _STAGES = ["stage1", "stage2", "stage3", "stage4"]
@@ -161,6 +161,106 @@ def semantic_targets(labels: Tensor, num_labels: int, ignore_index: int = IGNORE
     masks = [onehot[b][present[b]].float() for b in range(labels.shape[0])]
     ids = [classes[present[b]] for b in range(labels.shape[0])]
     return masks, ids
+
+# %% ../nbs/02_model.ipynb #nbc0cf03
+def valid_points(pools: Tensor, counts: Tensor, which: Tensor, n: int, hw: tuple[int, int],
+                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """`n` points for each image index in `which` [M], uniform over that image's valid pixels (`pools` [B, N]: flat
+    indices of each image's valid pixels, padded; `counts` [B]): normalized (x, y) in [0, 1] [M, n, 2] for
+    `grid_sample`-style sampling, and each point's flat pixel index [M, n]."""
+    H, W = hw
+    u = torch.rand(len(which), n, generator=generator).to(pools.device)
+    pick = pools[which[:, None], (u * counts[which, None]).long().clamp_max(pools.shape[1] - 1)]
+    jitter = torch.rand(len(which), n, 2, generator=generator).to(pools.device)     # anywhere inside the pixel
+    xy = torch.stack([(pick % W).float() + jitter[..., 0], (pick // W).float() + jitter[..., 1]], -1)
+    return xy / torch.tensor([W, H], device=pools.device, dtype=xy.dtype), pick
+
+
+def _at(logits: Tensor, xy: Tensor) -> Tensor:
+    "Bilinear samples of maps `logits` [M, C, h, w] at normalized points `xy` [M, P, 2] (align_corners=False): [M, C, P]."
+    return F.grid_sample(logits, (2 * xy - 1)[:, :, None], mode="bilinear", align_corners=False)[..., 0]
+
+
+def _pair_costs(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    "Mean sigmoid cross-entropy and dice cost of every (query, class) pair: pred [B, Q, P] logits, target [B, K, P] in {0, 1}."
+    P = pred.shape[-1]
+    ce = (F.softplus(-pred) @ target.mT + F.softplus(pred) @ (1 - target).mT) / P   # -log σ(x) = softplus(-x)
+    p = pred.sigmoid()
+    dice = 1 - (2 * p @ target.mT + 1) / (p.sum(-1)[..., None] + target.sum(-1)[:, None] + 1)
+    return ce, dice
+
+
+def _layer_loss(cls_logits: Tensor, mask_logits: Tensor, labels: Tensor, present: Tensor, pools: Tensor,
+                counts: Tensor, cfg, num_masks: float, generator) -> dict[str, Tensor]:
+    "Class, mask and dice terms of one decoder layer's predictions [B, Q, K+1], [B, Q, h, w] (see above)."
+    from scipy.optimize import linear_sum_assignment  # noqa: PLC0415
+    B, Q, K1 = cls_logits.shape
+    hw, flat, imgs = tuple(labels.shape[-2:]), labels.flatten(1), (counts > 0).nonzero().squeeze(1)
+    n = cfg.train_num_points
+    # matching: one set of valid points per image, every (query, class) pair costed at once
+    with torch.no_grad():
+        xy, pix = valid_points(pools, counts, imgs, n, hw, generator)
+        pred = _at(mask_logits[imgs].float(), xy)                                             # [B', Q, P]
+        onehot = (flat[imgs].gather(1, pix)[:, None] == torch.arange(K1 - 1, device=flat.device)[:, None]).float()
+        ce_c, dice_c = _pair_costs(pred, onehot)                                              # [B', Q, K]
+        cost = cfg.mask_weight * ce_c + cfg.dice_weight * dice_c - cfg.class_weight * cls_logits[imgs].float().softmax(-1)[..., :-1]
+        cost = torch.nan_to_num(cost, nan=1e9, posinf=1e9, neginf=-1e9).cpu().numpy()
+    tgt = torch.full((len(imgs), Q), K1 - 1, dtype=torch.long, device=cls_logits.device)    # "no object"
+    pb, pq, pk = [], [], []
+    for i, b in enumerate(imgs.tolist()):
+        ks = present[b].nonzero().squeeze(1)
+        if len(ks):
+            q, j = linear_sum_assignment(cost[i][:, ks.cpu().numpy()])
+            pb += [b] * len(q); pq += q.tolist(); pk += ks[j].tolist()
+            tgt[i, torch.as_tensor(q, device=tgt.device)] = ks[j]
+    w = torch.ones(K1, device=cls_logits.device)
+    w[-1] = cfg.no_object_weight
+    ce = F.cross_entropy(cls_logits[imgs].float().flatten(0, 1), tgt.flatten(), weight=w)
+    if not pb:
+        zero = mask_logits.sum() * 0.0
+        return {"loss_ce": ce, "loss_mask": zero, "loss_dice": zero}
+    # mask terms on the matched pairs, at the most uncertain of oversampled valid points plus random ones
+    pb, pq, pk = (torch.as_tensor(v, device=mask_logits.device) for v in (pb, pq, pk))
+    matched = mask_logits[pb, pq].float()[:, None]                                            # [M, 1, h, w]
+    n_imp = int(cfg.importance_sample_ratio * n)
+    xy, pix = valid_points(pools, counts, pb, int(n * cfg.oversample_ratio), hw, generator)
+    with torch.no_grad():
+        top = (-_at(matched, xy)[:, 0].abs()).topk(n_imp, dim=1).indices                     # |logit| small = uncertain
+    rxy, rpix = valid_points(pools, counts, pb, n - n_imp, hw, generator)
+    xy, pix = torch.cat([xy.gather(1, top[..., None].expand(-1, -1, 2)), rxy], 1), torch.cat([pix.gather(1, top), rpix], 1)
+    x = _at(matched, xy)[:, 0]                                                                # [M, P]
+    t = (flat[pb].gather(1, pix) == pk[:, None]).float()
+    bce = F.binary_cross_entropy_with_logits(x, t, reduction="none").mean(1).sum() / num_masks
+    p = x.sigmoid()
+    dice = (1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)).sum() / num_masks
+    return {"loss_ce": ce, "loss_mask": bce, "loss_dice": dice}
+
+
+def mask2former_loss(outputs, labels: Tensor, config, ignore_index: int = IGNORE,
+                     generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    """Mask2Former's supervised loss of `outputs` (class and mask logits, `auxiliary_logits` for the earlier
+    decoder layers) against semantic `labels` [B, H, W], ignoring pixels labelled `ignore_index`.
+    Returns {"loss": weighted sum over all layers, "loss_ce", "loss_mask", "loss_dice" (final layer)}."""
+    K = int(outputs.class_queries_logits.shape[-1]) - 1
+    semantic_targets(labels, K, ignore_index)                        # checks the label values
+    valid = (labels != ignore_index).flatten(1)
+    counts = valid.sum(1)
+    pools = torch.zeros(len(labels), max(int(counts.max()), 1), dtype=torch.long, device=labels.device)
+    for b in range(len(labels)):                                     # each image's valid pixels, left-aligned
+        pools[b, : counts[b]] = valid[b].nonzero().squeeze(1)
+    present = torch.stack([torch.bincount(l[v], minlength=K)[:K] > 0 for l, v in zip(labels.flatten(1), valid)])
+    num_masks = max(int(present[counts > 0].sum()), 1)
+    layers = [(a["class_queries_logits"], a["masks_queries_logits"]) for a in (outputs.auxiliary_logits or [])]
+    layers.append((outputs.class_queries_logits, outputs.masks_queries_logits))
+    weight = {"loss_ce": config.class_weight, "loss_mask": config.mask_weight, "loss_dice": config.dice_weight}
+    if not bool((counts > 0).any()):                                 # nothing valid anywhere: a zero with a graph
+        zero = outputs.masks_queries_logits.sum() * 0.0
+        return {"loss": zero, "loss_ce": zero, "loss_mask": zero, "loss_dice": zero}
+    total, last = 0.0, {}
+    for cls_logits, mask_logits in layers:
+        last = _layer_loss(cls_logits, mask_logits, labels, present, pools, counts, config, num_masks, generator)
+        total = total + sum(weight[k] * v for k, v in last.items())
+    return {"loss": total, **last}
 
 # %% ../nbs/02_model.ipynb #c023
 def semantic_probs(class_logits: Tensor, mask_logits: Tensor, size: tuple[int, int]) -> Tensor:
