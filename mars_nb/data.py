@@ -24,8 +24,8 @@ from .views import IGNORE, footprint_radius, rotate, rotate_labels, rotated_crop
 
 # %% auto #0
 __all__ = ['SPLITS', 'IMAGE_SUFFIXES', 'Region', 'DATASETS', 'DatasetError', 'package_file', 'disc_instances', 'crater_scene',
-           'band_regions', 'point_split', 'TileSpec', 'SceneDataset', 'split_summary', 'craters', 'nuclei',
-           'split_files', 'folder', 'load_dataset']
+           'band_regions', 'point_split', 'TileSpec', 'SceneDataset', 'split_summary', 'fold_parts', 'craters',
+           'nuclei', 'split_files', 'folder', 'load_dataset']
 
 # %% ../nbs/00_data.ipynb #c005
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -194,8 +194,8 @@ class SceneDataset:
                                f"{what}: that needs at least {mh}x{mw} pixels; use a smaller size")
         return out
 
-    def sample_views(self, split: str = "train", size=None, angle: float = 0.0, rng=None) -> dict:
-        "A training pair: upright crop and its rotation by `angle` about the same centre, both fill-free."
+    def sample_views(self, split: str = "train", size=None, angle: float = 0.0, rng=None, angle1: float = 0.0) -> dict:
+        "A training pair: the crop turned by `angle1` (default upright) and by `angle`, about the same centre, both fill-free."
         h, w = _hw(size if size is not None else self.tile_size)
         rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
         R = footprint_radius((h, w))
@@ -205,13 +205,12 @@ class SceneDataset:
         r0, c0 = int(rng.integers(rows[0], rows[1] + 1)), int(rng.integers(cols[0], cols[1] + 1))
         center, angle = (r0 + h / 2, c0 + w / 2), float(angle)
         img, lab = self.images[scene], self.labels[scene]
-        out = {"image1": img[:, r0:r0 + h, c0:c0 + w].clone(), "label1": lab[r0:r0 + h, c0:c0 + w].clone(),
-               "image2": rotated_crop(img, center, (h, w), angle, mode="bilinear"),
-               "label2": rotated_crop(lab, center, (h, w), angle, mode="nearest", fill=IGNORE).long()}
-        if self.instances is not None:
-            ins = self.instances[scene]
-            out["instance1"] = ins[r0:r0 + h, c0:c0 + w].clone()
-            out["instance2"] = rotated_crop(ins, center, (h, w), angle, mode="nearest", fill=0).long()
+        out = {}
+        for v, a in (("1", float(angle1)), ("2", angle)):     # an upright view is an exact slice (rotated_crop at 0°)
+            out["image" + v] = rotated_crop(img, center, (h, w), a, mode="bilinear")
+            out["label" + v] = rotated_crop(lab, center, (h, w), a, mode="nearest", fill=IGNORE).long()
+            if self.instances is not None:
+                out["instance" + v] = rotated_crop(self.instances[scene], center, (h, w), a, mode="nearest", fill=0).long()
         return out
 
     def test_tiles(self, split: str = "test", size=None, stride: int | None = None) -> list[TileSpec]:
@@ -317,15 +316,34 @@ def _band_parts(regions: dict[str, Region]) -> dict[str, list[tuple[int, Region]
     return {s: [(0, regions[s])] for s in names}
 
 
+def fold_parts(height: int, width: int, folds: int, fold: int) -> dict[str, list[tuple[int, Region]]]:
+    "Spatial k-fold split of one scene into `folds` equal horizontal bands: test = band `fold`, val = the next, train = the rest."
+    if not (isinstance(folds, int) and folds >= 3 and isinstance(fold, int) and 0 <= fold < folds):
+        raise ValueError(f"need folds >= 3 and 0 <= fold < folds, got folds={folds!r}, fold={fold!r}")
+    bands = band_regions(height, width, [1.0] * folds, [str(i) for i in range(folds)])
+    val = (fold + 1) % folds
+    train: list[Region] = []
+    for i in (i for i in range(folds) if i not in (fold, val)):      # neighbouring train bands merge into one region
+        y0, y1, x0, x1 = bands[str(i)]
+        if train and train[-1][1] == y0: train[-1] = (train[-1][0], y1, x0, x1)
+        else: train.append((y0, y1, x0, x1))
+    return {"train": [(0, r) for r in train], "val": [(0, bands[str(val)])], "test": [(0, bands[str(fold)])]}
+
+
 def craters(tile_size: int = 128, fractions: Sequence[float] = (0.2, 0.2, 0.6),
-            order: Sequence[str] = ("val", "test", "train")) -> SceneDataset:
-    "The pycda Mars tile: classes background/crater, disc instances, horizontal-band splits."
+            order: Sequence[str] = ("val", "test", "train"), folds: int | None = None, fold: int = 0) -> SceneDataset:
+    """The pycda Mars tile: classes background/crater, disc instances, horizontal-band splits (`fractions` in
+    `order`), or with `folds` the spatial cross-validation fold `fold` (see `fold_parts`)."""
     image, catalog, inst = _crater_raw()
-    regions = band_regions(*image.shape, fractions, order)
-    parts = _band_parts(regions)
+    parts = _band_parts(band_regions(*image.shape, fractions, order)) if folds is None else fold_parts(*image.shape, folds, fold)
     x, stats = _normalize(image[None], parts["train"])
     instances = torch.from_numpy(inst.astype(np.int64))
-    objects = catalog.assign(id=np.arange(1, len(catalog) + 1), scene=0, split=point_split(catalog.y, catalog.x, regions))
+    split = np.full(len(catalog), "", dtype=object)
+    for s, ps in parts.items():
+        for i, (_, r) in enumerate(ps):
+            inside = point_split(catalog.y, catalog.x, {s: r}) == s
+            split[inside] = s
+    objects = catalog.assign(id=np.arange(1, len(catalog) + 1), scene=0, split=split)
     return SceneDataset("craters", ["background", "crater"], [x], [(instances > 0).long()], parts,
                         instances=[instances], scene_names=["holdout_tile"], tile_size=tile_size, tile_mode="crop",
                         objects=objects, object_name="craters", stats=stats)

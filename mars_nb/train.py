@@ -8,6 +8,8 @@ Docs: https://github.com/mars-nb/mars_nb/train.html.md"""
 # %% ../nbs/05_train.ipynb #c002
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
 import os
 import socket
@@ -23,7 +25,9 @@ import yaml
 from lightning.pytorch.plugins import TorchCheckpointIO
 
 from .data import DATASETS, SPLITS, load_dataset
-from .model import PRESET_NAMES, build_model, preset_config, semantic_targets
+from .losses import MarsLoss, gradient_shares, resolve_config
+from .model import PRESET_NAMES, build_model, mask2former_loss, preset_config
+from .taps import tap_meta
 
 try: import fcntl
 except ImportError: fcntl = None     # Windows: locks fall back to exclusive file creation
@@ -169,6 +173,7 @@ class DataConfig(YamlConfig):
     root: str | None = None           # folder datasets only: a folder with images/ and masks/
     crop: int = 128                   # training crop and test tile size (pixels, multiple of 32)
     batch_size: int = 8               # images per view per step
+    folds: int | None = None          # spatial cross-validation in this many bands; the run's seed picks the fold
 
     def __post_init__(self):
         _need(self.dataset in DATASETS, f"dataset {self.dataset!r} is not one of {list(DATASETS)}")
@@ -180,6 +185,9 @@ class DataConfig(YamlConfig):
         _need(self.crop >= STRIDE and self.crop % STRIDE == 0,
               f"crop {self.crop} must be a positive multiple of {STRIDE} (Mask2Former's coarsest stride), e.g. {lo} or {lo + STRIDE}")
         _need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _need(self.folds is None or (self.folds >= 3 and "folds" in inspect.signature(DATASETS[self.dataset]).parameters),
+              f"folds={self.folds}: spatial cross-validation needs folds >= 3 and a dataset that has folds "
+              f"({[d for d, f in DATASETS.items() if 'folds' in inspect.signature(f).parameters]})")
 
 @dataclass
 class ModelConfig(YamlConfig):
@@ -210,19 +218,24 @@ class TrainConfig(YamlConfig):
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup: int = 20
-    angles: AnglePolicy = field(default_factory=AnglePolicy)
+    angles: AnglePolicy = field(default_factory=AnglePolicy)          # view 2's angle
+    view1_angles: AnglePolicy | None = None   # None: view 1 upright; a policy: view 1 turned too (rotaug-any)
     seed: int = 0
     device: str = "auto"              # auto | cpu | cuda
     devices: int = 1                  # processes (DDP when > 1)
     precision: str = "auto"           # auto: bf16-mixed on CUDA, 32-true on CPU
     ckpt_every: int = 100
     log_every: int = 10
+    share_every: int = 50             # mode mars: log each stage's gradient share every this many steps (0: never)
 
     def __post_init__(self):
         if self.mode not in MODES: raise ConfigError(f"mode {self.mode!r} is not one of {list(MODES)}")
         if self.device not in ("auto", "cpu", "cuda"): raise ConfigError(f"device {self.device!r} is not 'auto', 'cpu' or 'cuda'")
         for k in ("steps", "ckpt_every", "log_every", "devices"):
             if getattr(self, k) < 1: raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
+        _need(self.share_every >= 0, f"share_every must be >= 0 steps (0: never), got {self.share_every}")
+        _need(self.view1_angles is None or self.mode != "none", "view1_angles turns view 1; mode 'none' trains it alone "
+              "upright by definition: use mode 'rotaug' for two views at random angles")
         _need(_finite(self.lr) and self.lr > 0, f"lr must be a finite number > 0, got {self.lr}")
         _need(_finite(self.weight_decay) and self.weight_decay >= 0, f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         _need(self.warmup >= 0, f"warmup must be >= 0 steps, got {self.warmup}")
@@ -252,27 +265,30 @@ class RunConfig(YamlConfig):
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
-        if self.mars:     # checked in every mode, so a typo in a grid's shared MARS settings never waits for a mars run
-            from mars_nb.losses import resolve_config  # noqa: PLC0415
-            try: resolve_config(self.mars)
+        if self.mars or self.train.mode == "mars":   # checked in every mode: a typo in shared settings fails at once
+            try: resolved = resolve_config(self.mars or None)
             except ValueError as e: raise ConfigError(f"mars: {e}") from None
+            if self.train.mode == "mars": self.mars = resolved     # config.yaml records the stages that trained
 
 # %% ../nbs/05_train.ipynb #c014
 class ViewPairs(torch.utils.data.Dataset):
-    "Training pairs `(x, R_θ x)` with labels; item `i` is a pure function of `(seed, i)`."
-    def __init__(self, ds, crop: int, batch_size: int, policy: AnglePolicy, seed: int, split: str = "train"):
+    "Training pairs `(R_α x, R_β x)` with labels (α = 0 unless `policy1`); item `i` is a pure function of `(seed, i)`."
+    def __init__(self, ds, crop: int, batch_size: int, policy: AnglePolicy, seed: int, split: str = "train",
+                 policy1: AnglePolicy | None = None):
         self.ds, self.crop, self.batch_size, self.policy, self.seed, self.split = ds, crop, batch_size, policy, seed, split
+        self.policy1 = policy1
 
-    def angle(self, batch: int) -> float:
-        "The view-2 angle shared by global batch `batch`."
-        return self.policy.sample(np.random.default_rng([self.seed, 0xA16E, batch]))
+    def angles(self, batch: int) -> tuple[float, float]:
+        "The (view-1, view-2) angles shared by global batch `batch`."
+        a1 = 0.0 if self.policy1 is None else self.policy1.sample(np.random.default_rng([self.seed, 0xA16F, batch]))
+        return a1, self.policy.sample(np.random.default_rng([self.seed, 0xA16E, batch]))
 
     def __len__(self): return 2**62
 
     def __getitem__(self, i: int) -> dict:
-        angle = self.angle(i // self.batch_size)
-        item = self.ds.sample_views(self.split, self.crop, angle, np.random.default_rng([self.seed, i]))
-        return {**item, "angle": angle}
+        a1, a2 = self.angles(i // self.batch_size)
+        item = self.ds.sample_views(self.split, self.crop, a2, np.random.default_rng([self.seed, i]), angle1=a1)
+        return {**item, "angle1": a1, "angle2": a2}
 
 
 class StepSampler(torch.utils.data.Sampler):
@@ -293,12 +309,16 @@ class StepSampler(torch.utils.data.Sampler):
             yield from range(g * self.batch_size, (g + 1) * self.batch_size)
 
 
+_ANGLES = ("angle1", "angle2")
+
+
 def collate_pairs(items: list[dict]) -> dict:
-    "Stack a list of pairs; the angle stays a Python float (one per batch)."
-    angles = {it["angle"] for it in items}
-    if len(angles) != 1: raise ValueError(f"a batch must share one angle, got {sorted(angles)}")
-    out = {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0] if k != "angle"}
-    out["angle"] = angles.pop()
+    "Stack a list of pairs; the angles stay Python floats (one pair per batch)."
+    out = {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0] if k not in _ANGLES}
+    for k in _ANGLES:
+        angles = {it[k] for it in items}
+        if len(angles) != 1: raise ValueError(f"a batch must share one {k}, got {sorted(angles)}")
+        out[k] = angles.pop()
     return out
 
 # %% ../nbs/05_train.ipynb #c016
@@ -313,21 +333,21 @@ class ViewPairData(L.LightningDataModule):
         c, t = self.cfg.data, self.cfg.train
         start = self.trainer.global_step if self.trainer is not None else 0
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
-        pairs = ViewPairs(self.ds, c.crop, c.batch_size, t.angles, t.seed)
+        pairs = ViewPairs(self.ds, c.crop, c.batch_size, t.angles, t.seed, policy1=t.view1_angles)
         return torch.utils.data.DataLoader(pairs, batch_size=c.batch_size, collate_fn=collate_pairs,
                                            sampler=StepSampler(start, t.steps, c.batch_size, rank, world))
 
 
 def dataset_for(cfg: RunConfig):
-    "The dataset a run trains and evaluates on."
+    "The dataset a run trains and evaluates on (with `folds`: fold `seed % folds` of the spatial cross-validation)."
     kw = {"root": cfg.data.root} if cfg.data.dataset == "folder" else {}
+    if cfg.data.folds: kw.update(folds=cfg.data.folds, fold=cfg.train.seed % cfg.data.folds)
     return load_dataset(cfg.data.dataset, **kw)
 
 # %% ../nbs/05_train.ipynb #c018
 def mars_loss_for(cfg: RunConfig, model):
     "The MARS loss module and its taps for a run in mode `mars` (None otherwise)."
     if cfg.train.mode != "mars": return None
-    from mars_nb.losses import MarsLoss  # noqa: PLC0415  (mode `mars` only)
     return MarsLoss.from_config(cfg.mars, model=model)
 
 
@@ -356,27 +376,37 @@ class MarsModule(L.LightningModule):
         if h % STRIDE or w % STRIDE:     # a hand-made loader must give what DataConfig.crop guarantees
             raise ValueError(f"training images are {h}x{w}; both sides must be multiples of {STRIDE}: crop them (e.g. to "
                              f"{max(STRIDE, h // STRIDE * STRIDE)}x{max(STRIDE, w // STRIDE * STRIDE)}), training does not pad")
-        if self.cfg.train.mode == "none": return batch["image1"], batch["label1"]
-        self.cfg.train.angles.check(batch["angle"])      # a hand-made loader must respect the policy too
+        t = self.cfg.train
+        if t.mode == "none": return batch["image1"], batch["label1"]
+        t.angles.check(batch["angle2"])                  # a hand-made loader must respect the policies too
+        if t.view1_angles is not None: t.view1_angles.check(batch["angle1"])
+        elif batch["angle1"] != 0: raise ValueError(f"view 1 is upright in this run (no view1_angles), got angle1={batch['angle1']}")
         return torch.cat([batch["image1"], batch["image2"]]), torch.cat([batch["label1"], batch["label2"]])
+
+    def _mars_terms(self, taps, out, batch: dict, image_size) -> dict:
+        "The MARS terms of this step: view 2 compared with view 1 through their relative rotation."
+        meta = None
+        if self.mars.matching == "hungarian":
+            meta = {"mask_logits": out.masks_queries_logits, "mask_lattice": tap_meta(self.model)["output.classes"].lattice}
+        return self.mars(taps, angle=batch["angle2"] - batch["angle1"], image_size=image_size, meta=meta)
 
     def training_step(self, batch: dict, batch_idx: int):
         images, labels = self._views(batch)
-        masks, classes = semantic_targets(labels, self.num_labels)
-        terms = {}
-        if self.mars is None:
-            out = self.model(pixel_values=images, mask_labels=masks, class_labels=classes)
-        else:
-            with self.mars.taps(self.model) as taps:
-                out = self.model(pixel_values=images, mask_labels=masks, class_labels=classes)
-            meta = {"mask_logits": out.masks_queries_logits} if self.mars.matching == "hungarian" else None
-            terms = self.mars(taps, angle=batch["angle"], image_size=tuple(images.shape[-2:]), meta=meta)
-        loss = out.loss
-        if "mars/total" in terms: loss = loss + terms["mars/total"]
-        check_finite({"supervised": out.loss, **terms, "total": loss}, self.global_step)
+        terms, ctx = {}, self.mars.taps(self.model) if self.mars is not None else contextlib.nullcontext()
+        with ctx as taps:
+            out = self.model(pixel_values=images, output_auxiliary_logits=True)
+        supervised = mask2former_loss(out, labels, self.model.config)["loss"]      # ignored pixels count for nothing
+        if self.mars is not None: terms = self._mars_terms(taps, out, batch, tuple(images.shape[-2:]))
+        loss = supervised + terms.get("mars/total", 0.0)
+        check_finite({"supervised": supervised, **terms, "total": loss}, self.global_step)
         bs = images.shape[0]
-        self.log("train/supervised", out.loss.detach(), batch_size=bs)
+        self.log("train/supervised", supervised.detach(), batch_size=bs)
         for k, v in terms.items(): self.log(f"train/{k}", v.detach(), batch_size=bs)
+        every = self.cfg.train.share_every
+        if self.mars is not None and every and self.global_step % every == 0:
+            weighted = {s: spec.weight * terms[f"mars/{s}"] for s, spec in self.mars.stages.items() if spec.weight > 0}
+            for s, v in gradient_shares(self.model, weighted, supervised).items():
+                self.log(f"train/share/{s}", v, batch_size=bs)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
         return loss
 
@@ -659,24 +689,26 @@ def read_log(run_dir: str | Path):
     return df.groupby("step").last().reset_index()
 
 # %% ../nbs/05_train.ipynb #c032
-RUN_PARAMS = ("name", "dataset", "root", "mode", "preset", "pretrained", "overrides", "steps", "crop", "batch_size",
-              "lr", "train_angles", "eval_angles", "seed", "device", "devices", "mars")
+RUN_PARAMS = ("name", "dataset", "root", "folds", "mode", "preset", "pretrained", "overrides", "steps", "crop",
+              "batch_size", "lr", "train_angles", "view1_angles", "eval_angles", "eval_split", "seed", "device",
+              "devices", "mars")
 
 def config_from_params(**params) -> RunConfig:
     "A `RunConfig` from the flat parameters of `experiments/run.ipynb` (see `RUN_PARAMS`)."
     unknown = sorted(set(params) - set(RUN_PARAMS))
     if unknown: raise ConfigError(f"unknown run parameter(s) {unknown}; valid parameters are {list(RUN_PARAMS)}")
     p = {k: v for k, v in params.items() if v is not None}
-    angles, mars = p.get("train_angles"), p.get("mars")
-    if angles is not None and not isinstance(angles, dict): angles = {"kind": "discrete", "values": angles}
+    policy = lambda a: a if a is None or isinstance(a, dict) else {"kind": "discrete", "values": a}
+    angles, angles1, mars = policy(p.get("train_angles")), policy(p.get("view1_angles")), p.get("mars")
     if isinstance(mars, str): mars = {"preset": mars}          # mars="hybrid" is short for {"preset": "hybrid"}
     tree = {
         "name": p.get("name"),
-        "data": {k: p[k] for k in ("dataset", "root", "crop", "batch_size") if k in p},
+        "data": {k: p[k] for k in ("dataset", "root", "folds", "crop", "batch_size") if k in p},
         "model": {"preset": p.get("preset"), "pretrained": p.get("pretrained"), "overrides": p.get("overrides")},
-        "train": {**{k: p[k] for k in ("mode", "steps", "lr", "seed", "device", "devices") if k in p}, "angles": angles},
+        "train": {**{k: p[k] for k in ("mode", "steps", "lr", "seed", "device", "devices") if k in p}, "angles": angles,
+                  "view1_angles": angles1},
         "mars": mars,
-        "eval": {"angles": p.get("eval_angles")},
+        "eval": {"angles": p.get("eval_angles"), "split": p.get("eval_split")},
     }
     prune = lambda d: {k: prune(v) if isinstance(v, dict) and k not in ("mars", "overrides") else v
                        for k, v in d.items() if v is not None}
