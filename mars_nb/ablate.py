@@ -27,7 +27,7 @@ __all__ = ['GRID_KEYS', 'default_template', 'GridError', 'Run', 'load_grid', 'sh
            'run_grid', 'run_parallel', 'main']
 
 # %% ../nbs/07_ablate.ipynb #c005
-GRID_KEYS = ("out", "datasets", "seeds", "shared", "configs")
+GRID_KEYS = ("out", "datasets", "seeds", "shared", "per_dataset", "configs")
 
 
 def default_template() -> Path:
@@ -77,28 +77,32 @@ def load_grid(path: str | Path, out: str | Path | None = None, **overrides) -> l
     if not isinstance(data, dict): raise GridError(f"{path}:1: a grid is a mapping with keys {list(GRID_KEYS)}")
     for k in data:
         if k not in GRID_KEYS: raise GridError(f"{where(k)}: unknown key {k!r}; valid keys are {list(GRID_KEYS)}")
-    configs, shared = data.get("configs") or {}, data.get("shared") or {}
+    configs, shared, per = data.get("configs") or {}, data.get("shared") or {}, data.get("per_dataset") or {}
     if not isinstance(configs, dict) or not configs: raise GridError(f"{where('configs')}: the grid has no configs")
     if not isinstance(shared, dict): raise GridError(f"{where('shared')}: shared must be a mapping of run parameters")
+    if not isinstance(per, dict) or not all(isinstance(v, dict) for v in per.values()):
+        raise GridError(f"{where('per_dataset')}: per_dataset maps a dataset to run parameters, e.g. {{craters: {{folds: 5}}}}")
     seeds, datasets = data.get("seeds", [0]), data.get("datasets", ["craters"])
     for key, vals, tp in (("seeds", seeds, int), ("datasets", datasets, str)):
         if not isinstance(vals, list) or not vals or not all(isinstance(v, tp) and not isinstance(v, bool) for v in vals):
             raise GridError(f"{where(key)}: {key} must be a non-empty list of {tp.__name__}, got {vals!r}")
         if len(set(vals)) != len(vals): raise GridError(f"{where(key)}: duplicate {key} in {vals}")
+    for d in per:
+        if d not in datasets: raise GridError(f"{where('per_dataset', d)}: per_dataset names {d!r}, not one of the grid's datasets {datasets}")
     root = Path(out or data.get("out") or "reports")
     runs = []
     for cname, cparams in configs.items():
         if not isinstance(cparams, dict): raise GridError(f"{where('configs', cname)}: config {cname!r} must be a mapping")
-        for src, params in (("shared", shared), ("configs", cparams)):
+        for src, params in (("shared", shared), ("configs", cparams), *((("per_dataset", d), p) for d, p in per.items())):
             for k in params:
-                keys = (src, k) if src == "shared" else ("configs", cname, k)
+                keys = (src, k) if src == "shared" else ("configs", cname, k) if src == "configs" else (*src, k)
                 if k in ("name", "dataset", "seed", "out_dir"):
                     raise GridError(f"{where(*keys)}: {k!r} is set by the grid itself")
                 if k not in RUN_PARAMS: raise GridError(f"{where(*keys)}: unknown run parameter {k!r}; valid: {list(RUN_PARAMS)}")
         for dataset in datasets:
             for seed in seeds:
                 name = f"{dataset}-{cname}-s{seed}"
-                params = {**shared, **cparams, **{k: v for k, v in overrides.items() if v is not None},
+                params = {**shared, **per.get(dataset, {}), **cparams, **{k: v for k, v in overrides.items() if v is not None},
                           "name": name, "dataset": dataset, "seed": seed}
                 try: config_from_params(**params)
                 except ConfigError as e: raise GridError(f"{where('configs', cname)}: config {cname!r}: {e}") from None

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .losses import STAGES, MarsLoss, StageSpec, resolve_config
-from .taps import Taps, TapSpec, split_views, tap_stride
-from .views import IGNORE
+from .losses import MarsLoss, StageSpec, resolve_config
+from .taps import STAGES, Taps, TapSpec, split_views, tap_meta
+from .views import IGNORE, Lattice
 
 # %% auto #0
 __all__ = ['INSTALL_HINT', 'MSDA_MODULE', 'MARS_MODES', 'STAGE_KEYS', 'D2_ARCH', 'D2_PRESETS', 'META_ARCH_NAME', 'NORM_TYPES',
@@ -140,7 +140,7 @@ def import_mask2former() -> types.ModuleType:
 MARS_MODES = ("none", "rotaug", "mars")
 "Training modes, as in `mars_nb.train.MODES`."
 
-STAGE_KEYS = {"backbone": "BACKBONE", "pixel_decoder": "PIXEL_DECODER", "attention": "ATTENTION"}
+STAGE_KEYS = {"backbone": "BACKBONE", "pixel_decoder": "PIXEL_DECODER", "attention": "ATTENTION", "output": "OUTPUT"}
 "Config node of each MARS stage under `MODEL.MARS`."
 
 
@@ -563,7 +563,7 @@ def angle_groups(angles: Sequence[float], sizes: Sequence[tuple[int, int]]) -> l
 
 def two_view_mars(mars: MarsLoss, captured: Mapping[str, Tensor] | Taps, angles: Sequence[float],
                   sizes: Sequence[tuple[int, int]], meta: Mapping | None = None,
-                  mask_logits: Tensor | None = None, mask_stride: int = 4) -> dict[str, Tensor]:
+                  mask_logits: Tensor | None = None, mask_lattice: Lattice | None = None) -> dict[str, Tensor]:
     """`MarsLoss` terms of a two-view batch (captured tensors `[2B, ...]`: view 1 rows, then view 2 rows) whose
     B samples have view-2 `angles` and unpadded image `sizes`: per (angle, size) group, averaged with the
     group's share of the batch. `mask_logits` `[2B, Q, h, w]` feed Hungarian query matching."""
@@ -590,7 +590,7 @@ def two_view_mars(mars: MarsLoss, captured: Mapping[str, Tensor] | Taps, angles:
                                                              mask_logits.index_select(0, sel + B)])
         m = dict(meta)
         if ml is not None:
-            m.update(mask_logits=ml, mask_stride=mask_stride)
+            m.update(mask_logits=ml, mask_lattice=mask_lattice)
         terms = mars(v1, v2, angle=angle, image_size=size, meta=m)
         share = len(idx) / B
         for k, v in terms.items():
@@ -688,7 +688,7 @@ def register_meta_arch() -> type:
                 ml = captured.pop("mars.pred_masks", None)
                 terms = two_view_mars(self.mars_loss, captured, [float(x["angle"]) for x in batched_inputs],
                                       [tuple(x["image"].shape[-2:]) for x in batched_inputs], meta=taps.meta,
-                                      mask_logits=ml, mask_stride=tap_stride("pixel_decoder.mask_features", self))
+                                      mask_logits=ml, mask_lattice=tap_meta(self)["output.classes"].lattice)
             finally:
                 taps.clear()                    # release the captured graph references
             for stage, spec in self.mars_loss.stages.items():

@@ -21,8 +21,8 @@ from .model import predict_semantic
 from .views import IGNORE, rotate_labels
 
 # %% auto #0
-__all__ = ['with_ignore', 'iou_metric', 'class_iou', 'foreground_iou', 'predict_tiles', 'sweep', 'summarize', 'write_sweep',
-           'plot_sweep', 'aligned_stage_maps', 'feature_consistency', 'pca_rgb', 'plot_stage_maps']
+__all__ = ['with_ignore', 'iou_metric', 'class_iou', 'foreground_iou', 'predict_tiles', 'tile_confusion', 'sweep', 'summarize',
+           'write_sweep', 'plot_sweep', 'aligned_stage_maps', 'feature_consistency', 'pca_rgb', 'plot_stage_maps']
 
 # %% ../nbs/06_evaluate.ipynb #c006
 def with_ignore(labels: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -72,18 +72,29 @@ def predict_tiles(model, ds, specs: list, angle: float, batch_size: int = 16, pr
     return torch.cat(preds), labels, valids
 
 
+def tile_confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    "Per-tile confusion counts [T, K, K] (rows: target class, columns: predicted) of class maps [T, H, W] on `valid`."
+    k, T = int(num_classes), pred.shape[0]
+    t, p = with_ignore(target.long(), valid).reshape(T, -1), pred.long().reshape(T, -1)
+    keep = (t != IGNORE) & (t >= 0) & (t < k) & (p >= 0) & (p < k)
+    idx = torch.arange(T)[:, None] * k * k + t.clamp(0, k - 1) * k + p.clamp(0, k - 1)
+    return torch.bincount(idx[keep], minlength=T * k * k).reshape(T, k, k)
+
+
 def sweep(model, ds, angles=tuple(range(0, 360, 15)), batch_size: int = 16, split: str = "test",
-          tile_size: int = 128, progress: bool = True, predict=predict_semantic) -> pd.DataFrame:
+          tile_size: int = 128, progress: bool = True, predict=predict_semantic, per_tile: bool = False):
     """The rotation sweep: one row per angle with miou, fg_iou, per-class IoU and prediction consistency.
 
-    `predict(model, images) -> [B, H, W]` class maps; the default is Mask2Former semantic inference."""
+    `predict(model, images) -> [B, H, W]` class maps; the default is Mask2Former semantic inference.
+    `per_tile=True` also returns the confusion counts of every tile at every angle, [angles, tiles, K, K]:
+    what a tile-level bootstrap of the summary needs."""
     angles = [float(a) for a in angles]
     if not angles: raise ValueError("sweep needs at least one angle, e.g. range(0, 360, 15)")
     specs = ds.test_tiles(split, tile_size)
     if not specs: raise ValueError(f"the {split!r} split of {ds.name!r} has no test tiles of size {tile_size}")
     k = ds.num_classes
     upright = predict_tiles(model, ds, specs, 0.0, batch_size, predict)
-    rows = []
+    rows, confusion = [], []
     for a in tqdm(angles, desc=f"sweep {ds.name}", disable=not progress):
         pred, label, valid = upright if a % 360 == 0 else predict_tiles(model, ds, specs, a, batch_size, predict)
         iou = class_iou(pred, label, k, valid)
@@ -93,7 +104,9 @@ def sweep(model, ds, angles=tuple(range(0, 360, 15)), batch_size: int = 16, spli
         rows.append({"angle": a, "miou": float(iou.nanmean()), "fg_iou": foreground_iou(iou),
                      "consistency": float(cons.nanmean()), "n_tiles": len(specs),
                      **{f"iou_{c}": float(v) for c, v in zip(ds.class_names, iou)}})
-    return pd.DataFrame(rows)
+        if per_tile: confusion.append(tile_confusion(pred, label, k, valid))
+    df = pd.DataFrame(rows)
+    return (df, torch.stack(confusion).numpy()) if per_tile else df
 
 # %% ../nbs/06_evaluate.ipynb #c012
 def summarize(df: pd.DataFrame, metrics=("fg_iou", "miou", "consistency")) -> dict:
@@ -108,10 +121,14 @@ def summarize(df: pd.DataFrame, metrics=("fg_iou", "miou", "consistency")) -> di
     return out
 
 
-def write_sweep(df: pd.DataFrame, out_dir: str | Path, extra: dict | None = None) -> dict:
-    "Write `sweep.csv` and `metrics.json` (summary + `extra`) into `out_dir`; return the metrics."
+def write_sweep(df: pd.DataFrame, out_dir: str | Path, extra: dict | None = None, confusion=None) -> dict:
+    """Write `sweep.csv` and `metrics.json` (summary + `extra`) into `out_dir`, and with `confusion` (per angle and
+    tile, from `sweep(per_tile=True)`) `tiles.npz`; return the metrics."""
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "sweep.csv", index=False)
+    if confusion is not None:
+        np.savez_compressed(out / "tiles.npz", confusion=np.asarray(confusion, dtype=np.int64),
+                            angles=df["angle"].to_numpy(dtype=float))
     metrics = {**summarize(df), **(extra or {})}
     tmp = out / "metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=2))
@@ -148,13 +165,13 @@ def aligned_stage_maps(model, upright: torch.Tensor, rotated: torch.Tensor, angl
             model(pixel_values=torch.cat([upright, rotated]))
         v1, v2 = split_views(taps.check())
         out = {}
-        for name in v1:
+        for name in v1:                     # every tap on its own lattice: the alignment training uses
             m = taps.meta[name]
             if name.startswith("attention."):
-                out[name] = align_attention(v1[name], v2[name], m["hw"], angle, size, m["stride"])
+                out[name] = align_attention(v1[name], v2[name], m.hw, angle, size, m.lattice)
             else:
-                back, valid = warp_back(v2[name], angle, size, m["stride"])
-                out[name] = (crop_extent(v1[name], size, m["stride"]), back, valid)
+                back, valid = warp_back(v2[name], angle, size, m.lattice)
+                out[name] = (crop_extent(v1[name], size, m.stride), back, valid)
         return out
     finally:
         model.train(was_training)

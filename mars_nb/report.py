@@ -8,16 +8,20 @@ Docs: https://github.com/mars-nb/mars_nb/report.html.md"""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 from scipy import stats
 
 # %% auto #0
-__all__ = ['SUMMARY_COLUMNS', 'collect', 'config_order', 'mean_ci', 'summary_table', 'to_markdown', 'plot_metric_vs_angle',
-           'plot_summary_bars', 'collect_features', 'plot_feature_consistency', 'plot_training_curves',
-           'plot_attention_panels', 'paired_differences', 'verdict', 'reading', 'write_readme', 'write_report']
+__all__ = ['CONTROLS', 'SUMMARY_COLUMNS', 'MDE_FACTOR', 'collect', 'config_order', 'mean_ci', 'summary_table', 'to_markdown',
+           'plot_metric_vs_angle', 'plot_summary_bars', 'collect_features', 'plot_feature_consistency',
+           'plot_training_curves', 'plot_attention_panels', 'mean_fg_iou', 'tile_bootstrap', 'run_confusion',
+           'strongest_control', 'compare', 'comparisons', 'paired_differences', 'verdict', 'reading',
+           'comparisons_markdown', 'write_readme', 'write_report']
 
 # %% ../nbs/08_report.ipynb #c005
 def collect(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -34,10 +38,14 @@ def collect(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     return pd.DataFrame(runs), pd.concat(sweeps, ignore_index=True)
 
 
+CONTROLS = ("none", "rotaug", "rotaug-any", "outcons")
+"The controls every MARS configuration is read against, in report order."
+
+
 def config_order(configs) -> list[str]:
-    "The controls first (`none`, `rotaug`), then every other configuration alphabetically."
+    "The controls first (`none`, `rotaug`, `rotaug-any`, `outcons`), then every other configuration alphabetically."
     names = sorted(set(configs))
-    return [c for c in ("none", "rotaug") if c in names] + [c for c in names if c not in ("none", "rotaug")]
+    return [c for c in CONTROLS if c in names] + [c for c in names if c not in CONTROLS]
 
 
 def mean_ci(x, level: float = 0.95) -> tuple[float, float, int]:
@@ -192,9 +200,95 @@ def plot_attention_panels(run_dir: str | Path, angle: float = 30.0, tile: int = 
     fig.suptitle(f"{Path(run_dir).name} · test tile {tile} at {angle:g}°", fontsize=10, y=1.01)
     return fig
 
+# %% ../nbs/08_report.ipynb #nf4972a2
+MDE_FACTOR = float(stats.norm.ppf(0.975) + stats.norm.ppf(0.8))
+"Smallest detectable effect in standard errors: 80 % power, two-sided 5 % level."
+
+
+def mean_fg_iou(conf: np.ndarray) -> np.ndarray:
+    "Mean over angles of the foreground IoU (mean over the non-background classes) of pooled confusion counts [..., A, K, K]."
+    inter = np.diagonal(conf, axis1=-2, axis2=-1)
+    union = conf.sum(-1) + conf.sum(-2) - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, inter / np.maximum(union, 1e-12), np.nan)
+    with warnings.catch_warnings():                      # an angle without foreground anywhere: NaN, skipped
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(np.nanmean(iou[..., 1:], -1), -1)
+
+
+def tile_bootstrap(conf: np.ndarray, control: np.ndarray | None = None, shared_tiles: bool = False,
+                   n: int = 2000, seed: int = 0, metric=mean_fg_iou) -> np.ndarray:
+    """Bootstrap distribution [n] of the mean over replicates of `metric` of confusion counts `conf`
+    [replicates, angles, tiles, K, K] — minus the same for `control` (paired: same replicates and tiles)."""
+    conf = np.asarray(conf, dtype=np.float64)
+    R, _, T = conf.shape[:3]
+    if control is not None and np.shape(control) != conf.shape:
+        raise ValueError(f"paired bootstrap needs the same replicates and tiles: {conf.shape} vs {np.shape(control)}")
+    rng = np.random.default_rng(seed)
+    reps = rng.integers(R, size=(n, R))
+    w = rng.multinomial(T, np.full(T, 1.0 / T), size=(n, 1 if shared_tiles else R)).astype(np.float64)
+    w = np.broadcast_to(w, (n, R, T))
+    out = np.zeros(n)
+    for j in range(R):
+        for x, sign in ((conf, 1.0), (control, -1.0)):
+            if x is not None:
+                out += sign * metric(np.einsum("nt,natkl->nakl", w[:, j], np.asarray(x, np.float64)[reps[:, j]]))
+    return out / R
+
+
+def _point(conf: np.ndarray, metric=mean_fg_iou) -> float:
+    return float(np.mean([metric(c.sum(1)) for c in np.asarray(conf)]))
+
+# %% ../nbs/08_report.ipynb #nd0e89b6
+def run_confusion(root: str | Path, run: str) -> np.ndarray | None:
+    "A finished run's per-tile confusion counts [angles, tiles, K, K], or None if it kept none."
+    f = Path(root) / "runs" / run / "tiles.npz"
+    return np.load(f)["confusion"] if f.exists() else None
+
+
+def _shares_tiles(root: Path, run: str) -> bool:
+    "Runs of one dataset share their test tiles unless spatial cross-validation gives each fold its own."
+    cfg = yaml.safe_load((root / "runs" / run / "config.yaml").read_text())
+    return not (cfg.get("data") or {}).get("folds")
+
+
+def strongest_control(table: pd.DataFrame, dataset: str, metric: str = "fg_iou_mean") -> str | None:
+    "The control (other than `none`) with the highest mean `metric` on `dataset`."
+    t = table[(table["dataset"] == dataset) & table["config"].isin(CONTROLS[1:])]
+    return None if t.empty else str(t.sort_values(metric)["config"].iloc[-1])
+
+
+def compare(root: str | Path, runs: pd.DataFrame, config: str, control: str, dataset: str, n: int = 2000) -> dict:
+    """`config` minus `control` on `dataset` in mean foreground IoU over angles, paired by replicate (seed or fold)
+    and test tile: point difference, 95 % bootstrap interval, standard error, smallest detectable effect, replicates."""
+    root = Path(root)
+    d = runs[runs["dataset"] == dataset]
+    a, b = (d[d["config"] == c].set_index("seed")["run"] for c in (config, control))
+    seeds = sorted(set(a.index) & set(b.index))
+    ca, cb = ([run_confusion(root, s[i]) for i in seeds] for s in (a, b))
+    if not seeds or any(x is None for x in ca + cb):
+        return {"config": config, "control": control, "dataset": dataset, "n": len(seeds), "diff": float("nan"),
+                "lo": float("nan"), "hi": float("nan"), "se": float("nan"), "mde": float("nan")}
+    ca, cb = np.stack(ca), np.stack(cb)
+    boot = tile_bootstrap(ca, cb, shared_tiles=_shares_tiles(root, a[seeds[0]]), n=n)
+    se = float(boot.std(ddof=1))
+    return {"config": config, "control": control, "dataset": dataset, "n": len(seeds), "diff": _point(ca) - _point(cb),
+            "lo": float(np.percentile(boot, 2.5)), "hi": float(np.percentile(boot, 97.5)), "se": se, "mde": MDE_FACTOR * se}
+
+
+def comparisons(root: str | Path, runs: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    "Every configuration against `rotaug` and against the strongest control of its dataset (see `compare`)."
+    rows = []
+    for dataset in dict.fromkeys(runs["dataset"]):
+        strong = strongest_control(table, dataset)
+        for config in config_order(runs[runs["dataset"] == dataset]["config"]):
+            for control in dict.fromkeys(c for c in ("rotaug", strong) if c and c != config):
+                rows.append(compare(root, runs, config, control, dataset))
+    return pd.DataFrame(rows)
+
 # %% ../nbs/08_report.ipynb #c016
 def paired_differences(runs: pd.DataFrame, metric: str = "fg_iou_mean", control: str = "rotaug") -> pd.DataFrame:
-    "Per dataset and config: mean and 95% CI of `metric` − the control's `metric`, paired by seed."
+    "Per dataset and config: mean and 95% CI of `metric` − the control's `metric`, paired by seed (Student t)."
     rows = []
     for dataset, d in runs.groupby("dataset", sort=False):
         base = d[d["config"] == control].set_index("seed")[metric]
@@ -205,17 +299,19 @@ def paired_differences(runs: pd.DataFrame, metric: str = "fg_iou_mean", control:
     return pd.DataFrame(rows)
 
 
-def verdict(diff: float, ci: float, n: int) -> str:
-    "Words for a paired difference: helps / hurts / no detectable difference / one seed only."
+def verdict(diff: float, lo: float, hi: float, n: int, mde: float = float("nan")) -> str:
+    "Words for a paired difference with its 95 % interval [lo, hi]: helps / hurts / no detectable difference."
     if not np.isfinite(diff): return "not comparable"
-    if n < 2 or not np.isfinite(ci): return f"{diff:+.3f} on one seed — no interval, no claim"
-    if diff - ci > 0: return f"helps: {diff:+.3f} ± {ci:.3f}"
-    if diff + ci < 0: return f"hurts: {diff:+.3f} ± {ci:.3f}"
-    return f"no detectable difference: {diff:+.3f} ± {ci:.3f}"
+    if n < 2 or not (np.isfinite(lo) and np.isfinite(hi)): return f"{diff:+.3f} on one replicate — no interval, no claim"
+    span = f"{diff:+.3f} [{lo:+.3f}, {hi:+.3f}]" + (f", detectable ≥ {mde:.3f}" if np.isfinite(mde) else "")
+    if lo > 0: return f"helps: {span}"
+    if hi < 0: return f"hurts: {span}"
+    return f"no detectable difference: {span}"
 
 
-def reading(runs: pd.DataFrame, table: pd.DataFrame) -> str:
-    "Markdown paragraphs: for each dataset, what rotation costs without augmentation and what each tap adds over rotaug."
+def reading(runs: pd.DataFrame, table: pd.DataFrame, comps: pd.DataFrame | None = None) -> str:
+    """Markdown paragraphs: for each dataset, what rotation costs without augmentation and what each configuration
+    adds over `rotaug` and over the strongest control (tile bootstrap when `comps` has it, else paired by seed)."""
     lines = []
     for dataset, t in table.groupby("dataset", sort=False):
         t = t.set_index("config")
@@ -224,22 +320,40 @@ def reading(runs: pd.DataFrame, table: pd.DataFrame) -> str:
             lines.append(f"Trained upright only (`none`), the foreground IoU falls from {t.loc['none', 'fg_iou_0']:.3f} at 0° to "
                          f"{t.loc['none', 'fg_iou_worst']:.3f} at its worst angle; rotation augmentation (`rotaug`) holds "
                          f"{t.loc['rotaug', 'fg_iou_mean']:.3f} on average over angles (worst {t.loc['rotaug', 'fg_iou_worst']:.3f}).")
-        diffs = paired_differences(runs[runs["dataset"] == dataset])
-        if len(diffs):
-            lines.append("Mean IoU over angles, each configuration minus `rotaug` (paired by seed, 95% CI):")
-            lines += [f"- `{r.config}`: {verdict(r.diff, r.ci, r.n)}" for r in diffs.itertuples()]
+        c = comps[comps["dataset"] == dataset] if comps is not None and len(comps) else pd.DataFrame()
+        if len(c) and c["lo"].notna().any():
+            for control, g in c.groupby("control", sort=False):
+                lines.append(f"Mean IoU over angles minus `{control}` (paired by replicate and test tile, 95 % bootstrap "
+                             "interval, smallest detectable effect):")
+                lines += [f"- `{r.config}`: {verdict(r.diff, r.lo, r.hi, r.n, r.mde)}" for r in g.itertuples()]
+        else:
+            diffs = paired_differences(runs[runs["dataset"] == dataset])
+            if len(diffs):
+                lines.append("Mean IoU over angles, each configuration minus `rotaug` (paired by seed, 95% CI):")
+                lines += [f"- `{r.config}`: {verdict(r.diff, r.diff - r.ci, r.diff + r.ci, r.n)}" for r in diffs.itertuples()]
         lines.append("")
     return "\n".join(lines)
 
 
-def write_readme(root: Path, runs: pd.DataFrame, table: pd.DataFrame, figures: list[str], extra: str = ""):
-    "reports/README.md: the table, the reading and every figure."
+def comparisons_markdown(comps: pd.DataFrame) -> str:
+    "The comparison table: difference, 95 % interval, smallest detectable effect, replicates."
+    head = "| dataset | config | minus | difference | 95 % interval | detectable ≥ | n |\n|---|---|---|---|---|---|---|\n"
+    return head + "".join(f"| {r.dataset} | {r.config} | {r.control} | {r.diff:+.3f} | [{r.lo:+.3f}, {r.hi:+.3f}] | "
+                          f"{r.mde:.3f} | {r.n} |\n" for r in comps.itertuples())
+
+
+def write_readme(root: Path, runs: pd.DataFrame, table: pd.DataFrame, figures: list[str], extra: str = "",
+                 comps: pd.DataFrame | None = None):
+    "reports/README.md: the table, the comparisons, the reading and every figure."
     seeds = sorted(int(s) for s in runs["seed"].unique())
     text = [f"# Results\n", f"{runs['run'].nunique()} runs: {runs['config'].nunique()} configurations × "
-            f"{runs['dataset'].nunique()} datasets × seeds {seeds}. Mean ± 95% confidence interval over seeds "
-            "(Student t); IoU is the foreground (crater / nucleus) IoU on held-out test tiles.\n",
-            "![foreground IoU vs angle](figures/iou_vs_angle.png)\n", "## Summary\n", to_markdown(table),
-            "\n## Reading\n", reading(runs, table), extra, "\n## Figures\n"]
+            f"{runs['dataset'].nunique()} datasets × replicates {seeds} (seeds; with spatial cross-validation the seed "
+            "also picks the fold). Summary: mean ± 95% confidence interval over replicates (Student t). IoU is the "
+            "foreground IoU — the mean IoU of the non-background classes (crater; nucleus) — on held-out test tiles.\n",
+            "![foreground IoU vs angle](figures/iou_vs_angle.png)\n", "## Summary\n", to_markdown(table)]
+    if comps is not None and len(comps):
+        text += ["\n## Comparisons\n", comparisons_markdown(comps)]
+    text += ["\n## Reading\n", reading(runs, table, comps), extra, "\n## Figures\n"]
     text += [f"![{f}](figures/{f})\n" for f in figures if f != "iou_vs_angle.png"]
     text.append("\nEvery run's executed notebook, config, logs and metrics are under `runs/`.\n")
     (root / "README.md").write_text("\n".join(text))
@@ -273,8 +387,11 @@ def write_report(root: str | Path, order: list[str] | None = None, panels: bool 
             if fig is not None: figs[f"attention_{tag}.png"] = fig
     for name, fig in figs.items():
         fig.savefig(figdir / name, dpi=120, bbox_inches="tight"); plt.close(fig)
+    comps = comparisons(root, runs, table)
+    comps = comps.dropna(subset=["lo"]) if len(comps) else comps      # runs without per-tile counts: no bootstrap
     table.to_csv(out / "summary.csv", index=False)
     (out / "summary.md").write_text(to_markdown(table))
     runs.to_csv(out / "runs.csv", index=False)
-    write_readme(out, runs, table, list(figs))
+    if len(comps): comps.to_csv(out / "comparisons.csv", index=False)
+    write_readme(out, runs, table, list(figs), comps=comps)
     return table
