@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .losses import MarsLoss, StageSpec, resolve_config
-from .taps import STAGES, Taps, TapSpec, split_views, tap_meta
+from .taps import STAGES, TapMeta, Taps, TapSpec, split_views, tap_meta
 from .views import IGNORE, Lattice
 
 # %% auto #0
