@@ -21,7 +21,8 @@ __all__ = ['CONTROLS', 'SUMMARY_COLUMNS', 'MDE_FACTOR', 'collect', 'config_order
            'plot_metric_vs_angle', 'plot_summary_bars', 'collect_features', 'plot_feature_consistency',
            'plot_training_curves', 'plot_attention_panels', 'mean_fg_iou', 'tile_bootstrap', 'run_confusion',
            'strongest_control', 'compare', 'comparisons', 'paired_differences', 'verdict', 'reading',
-           'comparisons_markdown', 'write_readme', 'write_report']
+           'comparisons_markdown', 'write_readme', 'write_report', 'weight_curves', 'choose_weights',
+           'plot_weight_curves', 'weights_section']
 
 # %% ../nbs/08_report.ipynb #c005
 def collect(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -393,5 +394,78 @@ def write_report(root: str | Path, order: list[str] | None = None, panels: bool 
     (out / "summary.md").write_text(to_markdown(table))
     runs.to_csv(out / "runs.csv", index=False)
     if len(comps): comps.to_csv(out / "comparisons.csv", index=False)
-    write_readme(out, runs, table, list(figs), comps=comps)
+    extra = weights_section(root, figdir) if any("-x" in c for c in runs["config"]) else ""
+    write_readme(out, runs, table, list(figs), comps=comps, extra=extra)
     return table
+
+# %% ../nbs/08_report.ipynb #nf743c62
+def weight_curves(root: str | Path) -> pd.DataFrame:
+    """One row per finished run of a weight grid (configs named `<tap>-x<multiplier>`, plus controls): tap, weight,
+    multiplier, replicate, val mean IoU over angles, and the mean logged gradient share of its stages."""
+    from mars_nb.train import read_log  # noqa: PLC0415
+    runs, _ = collect(root)
+    rows = []
+    for r in runs.itertuples():
+        tap, _, mult = r.config.rpartition("-x")
+        if not tap or not mult.replace(".", "", 1).isdigit(): tap, mult = r.config, ""     # a control, e.g. rotaug
+        cfg = yaml.safe_load((Path(root) / "runs" / r.run / "config.yaml").read_text())
+        stages = (cfg.get("mars") or {}).get("stages") or {}
+        log = read_log(Path(root) / "runs" / r.run)
+        share = [c for c in log.columns if c.startswith("train/share/")]
+        rows.append({"tap": tap if mult else r.config, "multiplier": float(mult) if mult else float("nan"),
+                     "weight": sum(s["weight"] for s in stages.values()) if stages else 0.0, "seed": r.seed,
+                     "fg_iou_mean": r.fg_iou_mean, "split": cfg.get("eval", {}).get("split"),
+                     "share": float(log[share].mean().sum()) if share else float("nan")})
+    return pd.DataFrame(rows)
+
+
+def choose_weights(curves: pd.DataFrame) -> pd.DataFrame:
+    "Per tap: the weight whose mean val IoU over replicates is highest (the smaller one on a tie), with its share."
+    if (curves["split"] != "val").any():
+        raise ValueError(f"weights are chosen on val only; these runs were evaluated on {sorted(set(curves['split']))}")
+    m = curves.dropna(subset=["multiplier"]).groupby(["tap", "weight"], as_index=False)[["fg_iou_mean", "share"]].mean()
+    best = m.sort_values(["tap", "fg_iou_mean", "weight"], ascending=[True, False, True]).groupby("tap").head(1)
+    return best.reset_index(drop=True)
+
+
+def plot_weight_curves(curves: pd.DataFrame, chosen: pd.DataFrame | None = None):
+    "Val mean IoU over angles (left) and gradient share (right) against each tap's weight multiplier; controls as bands."
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
+    taps = curves.dropna(subset=["multiplier"])
+    for i, (tap, g) in enumerate(taps.groupby("tap")):
+        st = g.groupby("multiplier")["fg_iou_mean"].agg(["mean", "min", "max"])
+        c = plt.cm.tab10.colors[(i + 1) % 10]
+        a.plot(st.index, st["mean"], marker="o", color=c, label=tap)
+        a.fill_between(st.index, st["min"], st["max"], color=c, alpha=0.15, lw=0)
+        sh = g.groupby("multiplier")["share"].mean()
+        b.plot(sh.index, sh.values, marker="o", color=c, label=tap)
+        if chosen is not None and tap in set(chosen["tap"]):
+            w = chosen.set_index("tap").loc[tap, "weight"]
+            x = g[g["weight"] == w]["multiplier"].iloc[0]
+            a.plot([x], [st.loc[x, "mean"]], marker="*", ms=14, color=c, mec="k")
+    for ctrl, g in curves[curves["multiplier"].isna()].groupby("tap"):
+        a.axhspan(g["fg_iou_mean"].min(), g["fg_iou_mean"].max(), color="0.6", alpha=0.25, lw=0)
+        a.axhline(g["fg_iou_mean"].mean(), color="0.4", ls="--", lw=1, label=f"{ctrl} (band: replicates)")
+    a.set(xscale="log", xlabel="weight multiplier (× base weight)", ylabel="val foreground IoU, mean over angles",
+          title="choice on val (★: chosen; band: replicates)")
+    b.set(xscale="log", yscale="log", xlabel="weight multiplier (× base weight)",
+          ylabel="gradient share (MARS / supervised)", title="how strongly the term is felt")
+    for ax in (a, b): ax.grid(alpha=0.3, which="both")
+    a.legend(fontsize=7); fig.tight_layout()
+    return fig
+
+# %% ../nbs/08_report.ipynb #n1875e87
+def weights_section(root: str | Path, figdir: Path) -> str:
+    "Markdown (and `weight_curves.png`) for a weight grid's report: the curves and the weights chosen on val; '' otherwise."
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    curves = weight_curves(root)
+    if curves["multiplier"].isna().all() or (curves["split"] != "val").any():
+        return ""
+    best = choose_weights(curves)
+    fig = plot_weight_curves(curves, best)
+    fig.savefig(figdir / "weight_curves.png", dpi=120, bbox_inches="tight"); plt.close(fig)
+    curves.to_csv(Path(figdir).parent / "weight_curves.csv", index=False)
+    rows = "".join(f"| {r.tap} | {r.weight:g} | {r.fg_iou_mean:.3f} | {r.share:.2%} |\n" for r in best.itertuples())
+    return ("\n## Weights chosen on val\n\n![weight curves](figures/weight_curves.png)\n\n"
+            "| tap | chosen weight | val IoU mean | gradient share |\n|---|---|---|---|\n" + rows)
