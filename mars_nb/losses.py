@@ -48,8 +48,8 @@ def _pixel_weights(valid: Tensor | None, like: Tensor) -> Tensor:
 
 
 def _masked_mean(x: Tensor, weights: Tensor) -> Tensor:
-    "Mean of `x` [B,h,w] over the pixels with weight 1; an empty mask gives 0 (still attached to the graph)."
-    return (x * weights).sum() / weights.sum().clamp_min(1.0)
+    "Mean of `x` [B,h,w] over the pixels with weight 1 (whatever the others hold); an empty mask gives 0 (still attached)."
+    return (torch.where(weights > 0, x, 0.0) * weights).sum() / weights.sum().clamp_min(1.0)
 
 
 def _check_pair(f1: Tensor, f2: Tensor, what: str, ndims: tuple[int, ...]) -> None:
@@ -277,11 +277,11 @@ def output_kl(p1: Tensor, p2: Tensor, valid: Tensor | None = None, eps: float = 
     return _masked_mean(_kl(p1, p2, 1, eps), _pixel_weights(valid, p1))
 
 # %% ../nbs/04_losses.ipynb #c019
-def _masked_gem(x: Tensor, wts: Tensor, dims: tuple[int, ...], p: Tensor, eps: float) -> Tensor:
-    "GeM pooling of `x` [B,C,h,w] over `dims` restricted to pixels with weight 1 (`wts` [B,1,h,w])."
-    s = (x.clamp_min(eps).pow(p) * wts).sum(dims)
+def _masked_gem(x: Tensor, wts: Tensor, dims: tuple[int, ...], p: Tensor, floor: Tensor) -> Tensor:
+    "GeM pooling of `x` [B,C,h,w] over `dims` restricted to pixels with weight 1 (`wts` [B,1,h,w]); values below `floor` clamped."
+    s = (x.clamp_min(floor).pow(p) * wts).sum(dims)
     n = wts.sum(dims).clamp_min(1.0)
-    return (s / n).clamp_min(eps ** p.detach()).pow(1.0 / p)
+    return (s / n).clamp_min(floor ** p.detach()).pow(1.0 / p)
 
 
 def _standardize(v1: Tensor, v2: Tensor, rel: float = 1e-6) -> tuple[Tensor, Tensor]:
@@ -310,7 +310,7 @@ class MarsPooled(nn.Module):
                  reduction: int = 4,             # channel reduction of the learned 1x1 convolution
                  p: float = 3.0,                 # initial GeM power
                  learn_p: bool = True,           # learn the GeM power
-                 eps: float = 1e-6,              # GeM clamp
+                 eps: float = 1e-6,              # GeM clamp, relative to the largest |value| of the reduced maps
                  channel_weight: float = 1.0,    # the paper's gamma_c
                  spatial_weight: float = 1.0):   # the paper's gamma_s
         super().__init__()
@@ -331,13 +331,11 @@ class MarsPooled(nn.Module):
         else:
             self.register_buffer("p", p)
 
-    def pooled(self, f: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        "Raw GeM vectors of one view `f` [B,C,h,w]: channel [B,C'], height [B,C',h], width [B,C',w]."
-        x = self.reduce(f)
+    def pooled(self, x: Tensor, valid: Tensor | None, floor: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        "Raw GeM vectors of one view's reduced maps `x` [B,C',h,w]: channel [B,C'], height [B,C',h], width [B,C',w]."
         wts = _pixel_weights(valid, x)[:, None]
         p = self.p.clamp_min(1.0)
-        return (_masked_gem(x, wts, (2, 3), p, self.eps), _masked_gem(x, wts, (3,), p, self.eps),
-                _masked_gem(x, wts, (2,), p, self.eps))
+        return tuple(_masked_gem(x, wts, dims, p, floor) for dims in ((2, 3), (3,), (2,)))
 
     def forward(self, f1: Tensor, f2: Tensor, valid: Tensor | None = None) -> Tensor:
         "Pooled distance between aligned views `f1`, `f2` [B,C,h,w] (sample b against sample b)."
@@ -347,8 +345,11 @@ class MarsPooled(nn.Module):
         if f1.shape[0] < 2:
             raise ValueError("MarsPooled standardizes its vectors over the batch: it needs at least 2 samples per view, "
                              f"got {f1.shape[0]}")
+        x1, x2 = self.reduce(f1), self.reduce(f2)
+        # the GeM clamp, relative to the maps and shared by both views: scaling the reduction scales every vector alike
+        floor = self.eps * torch.maximum(x1.detach().abs().amax(), x2.detach().abs().amax()).clamp_min(1e-30)
         d = {}
-        for k, u, v in zip("chw", self.pooled(f1, valid), self.pooled(f2, valid)):
+        for k, u, v in zip("chw", self.pooled(x1, valid, floor), self.pooled(x2, valid, floor)):
             u, v = _standardize(u, v)
             d[k] = (1.0 - F.cosine_similarity(self.act[k](u).flatten(1), self.act[k](v).flatten(1), dim=1, eps=1e-8)).mean()
         cw, sw = self.channel_weight, self.spatial_weight

@@ -16,9 +16,10 @@ import yaml
 from torch import nn
 
 import mars_nb.d2 as d2
-from mars_nb.losses import PRESET_NAMES, MarsLoss, resolve_config
+from mars_nb.losses import DEFAULT_STAGES, PRESET_NAMES, TOP_DEFAULTS, MarsLoss, resolve_config
+from mars_nb.taps import STAGES, TapMeta
 from mars_nb.train import AnglePolicy, EvalConfig
-from mars_nb.views import IGNORE
+from mars_nb.views import IGNORE, Lattice
 
 REASON = d2.missing_reason()
 needs_d2 = pytest.mark.skipif(REASON is not None, reason=f"needs detectron2 and the official Mask2Former: "
@@ -96,10 +97,16 @@ def test_defaults_equal_the_hugging_face_path():
     assert keys["STAGES"] == ["backbone", "pixel_decoder", "attention"]
     assert keys["ANGLES"] == {"KIND": "discrete", "VALUES": AnglePolicy().values}
     assert keys["EVAL"] == {"ANGLES": EvalConfig().angles, "BATCH_SIZE": EvalConfig().batch_size}
-    assert keys["MODE"] == "mars" and keys["ATTENTION"]["LAYERS"] == [] and keys["MARGIN"] == 0.0
+    assert keys["MODE"] == "mars" and keys["ATTENTION"]["LAYERS"] == [] and keys["MARGIN"] == TOP_DEFAULTS["margin"] == 1.0
+    # every stage has its node, the output stage too (off by default: not in STAGES)
+    assert set(d2.STAGE_KEYS) == set(STAGES) and d2.STAGE_KEYS["output"] == "OUTPUT"
+    assert keys["OUTPUT"] == {"WEIGHT": DEFAULT_STAGES["output"]["weight"], "DISTANCE": DEFAULT_STAGES["output"]["distance"],
+                              "TAPS": ["all"], "OPTIONS": {}}
     pol = d2.angle_policy(keys)
     assert (pol.kind, pol.values) == (AnglePolicy().kind, AnglePolicy().values)
 
+
+OUTPUT_ON = {"preset": "hybrid", "stages": {"output": {"distance": "kl", "weight": 0.2}}}
 
 CUSTOM = {"preset": "hybrid", "gradient": "stop_grad", "matching": "hungarian", "per_head": True, "margin": 1,
           "seed": 3, "stages": {"attention": {"taps": [0, 2], "distance": "kl", "weight": 0.3},
@@ -107,14 +114,29 @@ CUSTOM = {"preset": "hybrid", "gradient": "stop_grad", "matching": "hungarian", 
                                 "backbone": None}}
 
 
-@pytest.mark.parametrize("config", [*PRESET_NAMES, CUSTOM, {"stages": {"backbone": {"taps": "all"}}}],
-                         ids=[*PRESET_NAMES, "custom", "all_taps"])
+@pytest.mark.parametrize("config", [*PRESET_NAMES, CUSTOM, {"stages": {"backbone": {"taps": "all"}}}, OUTPUT_ON],
+                         ids=[*PRESET_NAMES, "custom", "all_taps", "hybrid_output"])
 def test_keys_round_trip_through_yaml(config):
     keys = d2.mars_keys(config, angles={"KIND": "range", "VALUES": [-30.0, 30.0]}, mode="rotaug")
+    assert set(d2.STAGE_KEYS.values()) <= set(keys)                # OUTPUT included, used or not
+    assert keys["STAGES"] == list(resolve_config(config)["stages"])
     back = yaml.safe_load(yaml.safe_dump(keys))
     assert d2.mars_config(back) == resolve_config(config)
     assert d2.mars_mode(back) == "rotaug" and d2.angle_policy(back).values == [-30.0, 30.0]
     assert d2.mars_config({"MODEL": {"MARS": back}}) == resolve_config(config)   # a whole config works too
+
+
+def test_output_stage_keys():
+    assert "output" in PRESET_NAMES
+    keys = d2.mars_keys("output")
+    assert keys["STAGES"] == ["output"] and keys["OUTPUT"]["TAPS"] == ["all"]
+    keys = d2.mars_keys(OUTPUT_ON)
+    assert keys["STAGES"] == ["backbone", "pixel_decoder", "attention", "output"]
+    assert (keys["OUTPUT"]["DISTANCE"], keys["OUTPUT"]["WEIGHT"]) == ("kl", 0.2)
+    cfg = d2.mars_config(keys)
+    assert cfg["stages"]["output"]["distance"] == "kl" and cfg["stages"]["output"]["weight"] == 0.2
+    with pytest.raises(ValueError, match="distance"):               # output distances: js, kl
+        d2.mars_config({**keys, "OUTPUT": {**keys["OUTPUT"], "DISTANCE": "cosine"}})
 
 
 def test_bad_keys_name_what_is_valid():
@@ -165,26 +187,58 @@ def test_angle_groups():
         d2.angle_groups([90], [(8, 8), (8, 8)])
 
 
+# geometry of the taps below for 64 x 64 images (a ResNet-like corner lattice); attention.layer2 attends ms2 (stride 8)
+META = {"backbone.res4": TapMeta(Lattice.corner(16), channels=4), "backbone.res5": TapMeta(Lattice.corner(32), channels=4),
+        "attention.layer2": TapMeta(Lattice.corner(8), level=2, hw=(8, 8))}
+
+
+def _two_view_captures(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return {"backbone.res4": torch.randn(6, 4, 4, 4, generator=g), "backbone.res5": torch.randn(6, 4, 2, 2, generator=g),
+            "attention.layer2": torch.rand(6, 3, 64, generator=g).softmax(-1)}
+
+
 def test_two_view_mars_groups_angles_by_share():
-    g = torch.Generator().manual_seed(1)
-    cap = {"backbone.res4": torch.randn(6, 4, 4, 4, generator=g), "backbone.res5": torch.randn(6, 4, 2, 2, generator=g),
-           "attention.layer2": torch.rand(6, 3, 64, generator=g).softmax(-1)}
+    cap = _two_view_captures()
     loss = MarsLoss({"stages": {"backbone": {}, "attention": {}}})
     angles, size = [90.0, 30.0, 90.0], (64, 64)
-    out = d2.two_view_mars(loss, cap, angles, [size] * 3)
+    out = d2.two_view_mars(loss, cap, angles, [size] * 3, meta=META)
 
     def part(idx, angle):
         v1 = {k: t[idx] for k, t in cap.items()}
         v2 = {k: t[[i + 3 for i in idx]] for k, t in cap.items()}
-        return loss(v1, v2, angle=angle, image_size=size)
+        return loss(v1, v2, angle=angle, image_size=size, meta=META)
     a, b = part([0, 2], 90.0), part([1], 30.0)
     for k in out:
         assert torch.allclose(out[k], 2 / 3 * a[k] + 1 / 3 * b[k]), k
-    one = d2.two_view_mars(loss, cap, [90.0] * 3, [size] * 3)
-    full = loss(cap, angle=90.0, image_size=size)
+    one = d2.two_view_mars(loss, cap, [90.0] * 3, [size] * 3, meta=META)
+    full = loss(cap, angle=90.0, image_size=size, meta=META)
     assert all(torch.equal(one[k], full[k]) for k in full)
     with pytest.raises(ValueError, match="two-view batch of 4"):
-        d2.two_view_mars(loss, cap, [90.0] * 2, [size] * 2)
+        d2.two_view_mars(loss, cap, [90.0] * 2, [size] * 2, meta=META)
+    with pytest.raises(ValueError, match="TapMeta"):                # plain dicts carry no geometry
+        d2.two_view_mars(loss, cap, angles, [size] * 3)
+
+
+def test_two_view_mars_hungarian_uses_the_mask_lattice():
+    cap = _two_view_captures(2)
+    g = torch.Generator().manual_seed(3)
+    ml = torch.randn(6, 3, 16, 16, generator=g)                     # final mask logits [2B, Q, h, w], stride 4
+    lattice = Lattice.corner(4)
+    loss = MarsLoss({"stages": {"attention": {}}, "matching": "hungarian"})
+    angles, size = [90.0, 30.0, 90.0], (64, 64)
+    out = d2.two_view_mars(loss, cap, angles, [size] * 3, meta=META, mask_logits=ml, mask_lattice=lattice)
+
+    def part(idx, angle):
+        v1 = {k: t[idx] for k, t in cap.items()}
+        v2 = {k: t[[i + 3 for i in idx]] for k, t in cap.items()}
+        m = torch.cat([ml[idx], ml[[i + 3 for i in idx]]])
+        return loss(v1, v2, angle=angle, image_size=size, meta={**META, "mask_logits": m, "mask_lattice": lattice})
+    a, b = part([0, 2], 90.0), part([1], 30.0)
+    for k in out:
+        assert torch.allclose(out[k], 2 / 3 * a[k] + 1 / 3 * b[k]), k
+    with pytest.raises(ValueError, match="mask_lattice"):           # logits without their lattice
+        d2.two_view_mars(loss, cap, angles, [size] * 3, meta=META, mask_logits=ml)
 
 
 def test_optimizer_param_groups_follow_mask2former():
@@ -193,7 +247,7 @@ def test_optimizer_param_groups_follow_mask2former():
     m.head = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
     m.query = nn.Embedding(5, 4)
     m.mars_loss = nn.Module()
-    m.mars_loss.pooled = nn.ModuleDict({"backbone__res5": nn.Conv2d(4, 1, 1)})
+    m.mars_loss.learned = nn.ModuleDict({"backbone__res5": nn.Conv2d(4, 1, 1)})
     m.frozen = nn.Linear(2, 2).requires_grad_(False)
     groups = d2.optimizer_param_groups(m, 1e-3, 0.05, weight_decay_norm=0.0, weight_decay_embed=0.2,
                                        backbone_multiplier=0.1)
@@ -201,7 +255,7 @@ def test_optimizer_param_groups_follow_mask2former():
     assert where[id(m.backbone[0].weight)] == (1e-4, 0.05) and where[id(m.backbone[1].weight)] == (1e-4, 0.0)
     assert where[id(m.head[0].weight)] == (1e-3, 0.05) and where[id(m.head[1].bias)] == (1e-3, 0.0)
     assert where[id(m.query.weight)] == (1e-3, 0.2)
-    assert where[id(m.mars_loss.pooled["backbone__res5"].weight)] == (1e-3, 0.05)
+    assert where[id(m.mars_loss.learned["backbone__res5"].weight)] == (1e-3, 0.05)
     assert id(m.frozen.weight) not in where
     assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in m.parameters())
 
@@ -245,7 +299,7 @@ def _batch(cfg, angle=90.0, n=2, size=64, seed=0):
 
 @needs_d2
 def test_taps_capture_the_documented_shapes(tiny):
-    from mars_nb.taps import Taps, stage_taps, tap_stride
+    from mars_nb.taps import Taps, stage_taps, tap_meta
     cfg, model = tiny
     model.train()
     Q, C = cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES, cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM
@@ -263,16 +317,19 @@ def test_taps_capture_the_documented_shapes(tiny):
         for i in range(layers):
             hw = s // (32, 16, 8)[i % 3]
             want[f"attention.layer{i}"] = (4, Q, hw * hw)
-            assert t.meta[f"attention.layer{i}"]["hw"] == (hw, hw)
+            assert t.meta[f"attention.layer{i}"].hw == (hw, hw)
         assert {k: tuple(v.shape) for k, v in t.captured.items()} == want
         strides = {"backbone.res2": 4, "backbone.res3": 8, "backbone.res4": 16, "backbone.res5": 32,
                    "pixel_decoder.mask_features": 4, "pixel_decoder.ms0": 32, "pixel_decoder.ms1": 16,
                    "pixel_decoder.ms2": 8}
-        assert all(tap_stride(k, model) == v == t.meta[k]["stride"] for k, v in strides.items())
+        meta = tap_meta(model)
+        assert all(meta[k].stride == v == t.meta[k].stride for k, v in strides.items())
+        # detectron2's ResNet is declared a corner lattice; the pixel decoder inherits it
+        assert all(t.meta[k].lattice == Lattice.corner(v) for k, v in strides.items())
         for i in range(layers):
             a = t.captured[f"attention.layer{i}"]
             assert torch.allclose(a.sum(-1), torch.ones(()), atol=1e-5) and a.requires_grad
-            assert t.meta[f"attention.layer{i}"]["stride"] == (32, 16, 8)[i % 3]
+            assert t.meta[f"attention.layer{i}"].stride == (32, 16, 8)[i % 3]
     with Taps(model, stage_taps(model, "attention"), per_head=True) as t:   # (the model's own MARS taps would
         model.sem_seg_head(model.backbone(torch.randn(4, 1, 64, 64))) # override per_head in a training forward)
     assert tuple(t.captured["attention.layer0"].shape) == (4, cfg.MODEL.MASK_FORMER.NHEADS, Q, 4)
@@ -309,7 +366,7 @@ def test_mars_terms_are_in_the_loss_dict_and_get_gradients(tiny):
 @pytest.mark.parametrize("config", ["hybrid", {"preset": "hybrid", "matching": "hungarian", "gradient": "stop_grad"}],
                          ids=["hybrid", "hungarian_stopgrad"])
 def test_same_mars_loss_as_mars_nb_losses(tiny, config):
-    from mars_nb.taps import Taps
+    from mars_nb.taps import Taps, tap_meta
     cfg, _ = tiny
     c = cfg.clone()
     c.defrost()
@@ -323,7 +380,8 @@ def test_same_mars_loss_as_mars_nb_losses(tiny, config):
     direct = MarsLoss.from_config(config, model=model)
     with Taps(model, direct.tap_specs(model)) as t:
         out = model.sem_seg_head(model.backbone(x))
-    meta = {"mask_logits": out["pred_masks"], "mask_stride": 4} if direct.matching == "hungarian" else None
+    meta = ({"mask_logits": out["pred_masks"], "mask_lattice": tap_meta(model)["output.classes"].lattice}
+            if direct.matching == "hungarian" else None)
     terms = direct(t, angle=90.0, image_size=(64, 64), meta=meta)
     for stage, spec in direct.stages.items():
         assert torch.allclose(losses[d2.loss_key(stage)], spec.weight * terms[f"mars/{stage}"], rtol=1e-5, atol=1e-7), stage

@@ -1,13 +1,16 @@
 """Tests for mars_nb.taps on the tiny Hugging Face Mask2Former and a detectron2-shaped stand-in."""
+import dataclasses
 import math
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
 from mars_nb.model import build_model
-from mars_nb.taps import (TAP_STRIDES, Taps, TapSpec, find_family, resolve_paths, split_views, stage_taps,
-                          tap_stride)
+from mars_nb.taps import (HYBRID, LAYOUTS, STAGES, TapMeta, Taps, TapSpec, class_distribution, find_family,
+                          resolve_paths, split_views, stage_taps, tap_meta)
+from mars_nb.views import Lattice
 
 
 def hook_count(model):
@@ -55,15 +58,17 @@ def test_preset_shapes_two_view_batch(model, captured):
     for i in range(layers):
         expected[f"attention.layer{i}"] = (4, Q, side[i % 3] ** 2)
     assert {n: tuple(t.shape) for n, t in cap.items()} == expected
+    static = tap_meta(model)
     for n in expected:
-        assert meta[n]["stride"] == tap_stride(n) == tap_stride(n, model)
+        assert isinstance(meta[n], TapMeta)
+        assert meta[n].stride == static[n].stride and meta[n].lattice == static[n].lattice
         if n.startswith("attention"):
             i = int(n[len("attention.layer"):])
-            assert meta[n]["level"] == i % 3 and meta[n]["hw"] == (side[i % 3], side[i % 3])
-            assert meta[n]["stride"] * side[i % 3] == 128
+            assert meta[n].level == i % 3 and meta[n].hw == (side[i % 3], side[i % 3])
+            assert meta[n].stride * side[i % 3] == 128
         else:
-            assert meta[n]["hw"] is None
-            assert cap[n].shape[-1] * meta[n]["stride"] == 128
+            assert meta[n].hw is None and meta[n] == static[n]
+            assert cap[n].shape[-1] * meta[n].stride == 128
 
 
 def test_attention_rows_are_distributions(model, captured):
@@ -148,8 +153,8 @@ def test_non_square_grid_order(model):
         model(pixel_values=x)
     cap, meta = taps.check().captured, taps.meta
     assert cap["pixel_decoder.ms0"].shape[-2:] == (2, 4) and cap["pixel_decoder.mask_features"].shape[-2:] == (16, 32)
-    assert meta["attention.layer0"]["hw"] == (2, 4) and cap["attention.layer0"].shape[-1] == 8
-    assert meta["attention.layer2"]["hw"] == (8, 16) and cap["attention.layer2"].shape[-1] == 128
+    assert meta["attention.layer0"].hw == (2, 4) and cap["attention.layer0"].shape[-1] == 8
+    assert meta["attention.layer2"].hw == (8, 16) and cap["attention.layer2"].shape[-1] == 128
 
 
 def test_hooks_removed_after_context_and_exception(model, batch):
@@ -225,6 +230,8 @@ def test_bad_path_names_close_matches(model):
         stage_taps(model, "pixel-decoder")
     with pytest.raises(ValueError, match="duplicate"):
         Taps(model, stage_taps(model, "backbone") * 2)
+    with pytest.raises(ValueError, match="matches no tap"):  # the default stages leave the output out
+        stage_taps(model, select="output.classes")
 
 
 def test_check_names_tap_that_did_not_fire(model, batch):
@@ -252,19 +259,102 @@ def test_split_views(model, batch, captured):
 
 
 def test_stage_selection_and_hybrid(model):
+    assert STAGES == ("backbone", "pixel_decoder", "attention", "output")
+    assert HYBRID == STAGES[:3] == ("backbone", "pixel_decoder", "attention")
     names = [s.name for s in stage_taps(model, "hybrid")]
-    assert names == [s.name for s in stage_taps(model)]
+    assert names == [s.name for s in stage_taps(model)] == [s.name for s in stage_taps(model, HYBRID)]
+    assert list(dict.fromkeys(n.split(".")[0] for n in names)) == list(HYBRID)   # default: the internal stages
+    assert [s.name for s in stage_taps(model, ["hybrid", "output"])] == names + ["output.classes"]
+    assert [s.name for s in stage_taps(model, STAGES)] == names + ["output.classes"]
     assert [s.name for s in stage_taps(model, "pixel_decoder", select="*.ms?")] == [f"pixel_decoder.ms{i}" for i in range(3)]
     assert [s.name for s in stage_taps(model, "backbone")] == [f"backbone.res{i}" for i in range(2, 6)]
 
 
-def test_tap_stride():
-    assert [tap_stride(f"backbone.res{i}") for i in range(2, 6)] == [4, 8, 16, 32]
-    assert [tap_stride(f"pixel_decoder.ms{i}") for i in range(3)] == [32, 16, 8]
-    assert tap_stride("pixel_decoder.mask_features") == 4 and TAP_STRIDES["backbone.res5"] == 32
-    assert [tap_stride(f"attention.layer{i}") for i in range(6)] == [32, 16, 8, 32, 16, 8]
-    with pytest.raises(ValueError, match="backbone.res2"):
-        tap_stride("backbone.res1")
+def test_tap_meta(model):
+    meta = tap_meta(model)
+    assert tap_meta(model) is meta                              # cached per model
+    layers = len(model.model.transformer_module.decoder.layers)
+    assert set(meta) == ({f"backbone.res{i}" for i in range(2, 6)} | {"pixel_decoder.mask_features"}
+                         | {f"pixel_decoder.ms{i}" for i in range(3)} | {f"attention.layer{i}" for i in range(layers)}
+                         | {"output.classes"})
+    assert all(isinstance(m, TapMeta) for m in meta.values())
+    assert [meta[f"backbone.res{i}"].stride for i in range(2, 6)] == [4, 8, 16, 32]
+    assert [meta[f"pixel_decoder.ms{i}"].stride for i in range(3)] == [32, 16, 8]
+    assert meta["pixel_decoder.mask_features"].stride == 4 and meta["output.classes"].stride == 4
+    assert [meta[f"attention.layer{i}"].stride for i in range(layers)] == [(32, 16, 8)[i % 3] for i in range(layers)]
+    # an HF ResNet backbone is declared a corner lattice; the pixel decoder inherits it at its strides
+    for n in ("backbone.res2", "backbone.res5", "pixel_decoder.mask_features", "pixel_decoder.ms0", "output.classes"):
+        assert meta[n].lattice == Lattice.corner(meta[n].stride), n
+    for i in range(layers):
+        m = meta[f"attention.layer{i}"]
+        assert m.lattice == meta[f"pixel_decoder.ms{i % 3}"].lattice and m.level == i % 3
+        assert m.hw is None and m.channels is None                 # the grid is only known after a forward
+    assert meta["output.classes"].lattice == meta["pixel_decoder.mask_features"].lattice
+    # channels from the backbone and the config
+    assert [meta[f"backbone.res{i}"].channels for i in range(2, 6)] == list(model.config.backbone_config.hidden_sizes)
+    assert {meta[f"pixel_decoder.ms{i}"].channels for i in range(3)} == {model.config.feature_size}
+    assert meta["pixel_decoder.mask_features"].channels == model.config.mask_feature_size
+    assert meta["attention.layer0"].level == 0 and meta["backbone.res2"].level is None
+    assert "backbone.res1" not in meta
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        meta["backbone.res2"].lattice = Lattice.centred(4)
+    # a known backbone type is not measured: no warning for a fresh model
+    fresh = build_model("tiny")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert tap_meta(fresh) == meta and tap_meta(fresh) is not meta
+
+
+def test_tap_meta_is_a_geometry_record():
+    m = TapMeta(Lattice(8, 2.0), channels=16)
+    assert m.stride == 8 and m.lattice.offset == 2.0 and (m.level, m.hw) == (None, None)
+    assert TapMeta(Lattice.corner(16), level=1, hw=(4, 6)).stride == 16
+
+
+def test_layouts_are_the_two_families(model):
+    assert set(LAYOUTS) == {"hf", "detectron2"}
+    for family, lay in LAYOUTS.items():
+        assert lay.family == family and set(lay.stage_modules) == set(STAGES)
+    family, prefix = find_family(model)
+    assert (family, prefix) == ("hf", "model")
+    lay = LAYOUTS[family]
+    specs = {s.name: s for s in stage_taps(model, STAGES)}
+    assert specs["backbone.res2"].path == f"{prefix}.{lay.backbone}"
+    assert specs["pixel_decoder.ms0"].path == f"{prefix}.{lay.pixel_decoder}"
+    assert specs["attention.layer2"].path == f"{prefix}.{lay.cross_attn.format(i=2)}"
+    assert specs["output.classes"].path == lay.output(prefix) == ""   # the segmentation model itself
+    for stage, path in lay.stage_modules.items():
+        model.get_submodule(f"{prefix}.{path}")                    # every stage module exists
+
+
+def test_output_stage_is_the_class_distribution(model, batch):
+    specs = stage_taps(model, "output")
+    assert [s.name for s in specs] == ["output.classes"] and specs[0].meta == tap_meta(model)["output.classes"]
+    with torch.no_grad():
+        with Taps(model, specs) as taps:
+            out = model(pixel_values=batch)
+    p = taps.check().captured["output.classes"]
+    K = model.config.num_labels
+    assert p.shape == (4, K, 32, 32) == (4, K, *out.masks_queries_logits.shape[-2:])
+    assert torch.allclose(p, class_distribution(out.class_queries_logits, out.masks_queries_logits))
+    assert (p > 0).all() and torch.allclose(p.sum(1), torch.ones(4, 32, 32), atol=1e-5)
+    assert p.shape[-1] * taps.meta["output.classes"].stride == 128
+    # with the other stages: one forward, all taps
+    with torch.no_grad():
+        with Taps(model, stage_taps(model, STAGES)) as taps:
+            model(pixel_values=batch)
+    assert torch.allclose(taps.check().captured["output.classes"], p, atol=1e-5)
+
+
+def test_output_stage_needs_the_segmentation_model(model):
+    bare = model.model                                              # Mask2FormerModel: no class predictor
+    assert find_family(bare) == ("hf", "")
+    assert [s.name for s in stage_taps(bare)][-1].startswith("attention.")   # the internal stages still work
+    with pytest.raises(ValueError, match="class logits") as e:
+        stage_taps(bare, "output")
+    assert "Mask2FormerForUniversalSegmentation" in str(e.value) and "Mask2FormerModel" in str(e.value)
+    with pytest.raises(ValueError, match="class logits"):
+        stage_taps(bare, STAGES)
 
 
 def test_wrapped_models_and_unknown_family(model, batch):
@@ -277,9 +367,13 @@ def test_wrapped_models_and_unknown_family(model, batch):
     assert find_family(w) == ("hf", "model.model")
     specs = stage_taps(w, select="attention.layer0")
     assert specs[0].path == "model.model.transformer_module.decoder.layers.0.cross_attn"
-    with Taps(w, specs) as taps:
+    out_spec = stage_taps(w, "output")
+    assert [(s.name, s.path) for s in out_spec] == [("output.classes", "model")]
+    with Taps(w, specs + out_spec) as taps:
         w.model(pixel_values=batch)
-    assert taps.check().meta["attention.layer0"]["hw"] == (4, 4)
+    assert taps.check().meta["attention.layer0"].hw == (4, 4)
+    assert taps.captured["output.classes"].shape == (4, model.config.num_labels, 32, 32)
+    assert tap_meta(w)["backbone.res4"] == tap_meta(model)["backbone.res4"]
     with pytest.raises(ValueError, match="unknown model family"):
         stage_taps(nn.Sequential(nn.Conv2d(1, 1, 1)))
 
@@ -296,14 +390,17 @@ def test_wrapped_models_and_unknown_family(model, batch):
 # ---------------------------------------------------------------------------------------------
 
 class ShapeSpec:
-    def __init__(self, stride):
-        self.stride = stride
+    "Like detectron2.layers.ShapeSpec: what `_d2_geometry` reads from `backbone.output_shape()`."
+    def __init__(self, stride, channels):
+        self.stride, self.channels = stride, channels
 
 
 class D2Backbone(nn.Module):
-    "Returns a dict res2..res5 (strides 4, 8, 16, 32), like detectron2's Backbone."
+    """Returns a dict res2..res5 (strides 4, 8, 16, 32), like detectron2's Backbone. Not a known backbone type:
+    its lattice (a 4x4 patch stem, then stride-2 3x3 convolutions: cell centres at stride·j + 2 px) is measured."""
     def __init__(self, c=16):
         super().__init__()
+        self.c = c
         self.stem = nn.Conv2d(1, c, 4, 4)
         self.res3, self.res4, self.res5 = (nn.Conv2d(c, c, 3, 2, 1) for _ in range(3))
 
@@ -314,21 +411,21 @@ class D2Backbone(nn.Module):
         return {"res2": r2, "res3": r3, "res4": r4, "res5": self.res5(r4)}
 
     def output_shape(self):
-        return {f"res{i}": ShapeSpec(2 ** i) for i in range(2, 6)}
+        return {f"res{i}": ShapeSpec(2 ** i, self.c) for i in range(2, 6)}
 
 
 class D2PixelDecoder(nn.Module):
     "Like MSDeformAttnPixelDecoder: no forward(), only forward_features -> (mask_features, enc, multi_scale)."
     def __init__(self, c=16):
         super().__init__()
-        self.mask_proj = nn.Conv2d(c, c, 1)
+        self.mask_features = nn.Conv2d(c, c, 1)                # conv_dim -> mask_dim, as in the official decoder
         self.proj = nn.ModuleList(nn.Conv2d(c, c, 1) for _ in range(3))
         self.transformer_feature_strides = [8, 16, 32]
         self.common_stride = 4
 
     def forward_features(self, f):
         ms = [p(f[k]) for p, k in zip(self.proj, ["res5", "res4", "res3"])]  # strides 32, 16, 8
-        return self.mask_proj(f["res2"]), ms[0], ms
+        return self.mask_features(f["res2"]), ms[0], ms
 
 
 class D2CrossAttentionLayer(nn.Module):
@@ -346,13 +443,14 @@ class D2CrossAttentionLayer(nn.Module):
 
 class D2Predictor(nn.Module):
     "Like MultiScaleMaskedTransformerDecoder: called as predictor(multi_scale_features, mask_features, mask)."
-    def __init__(self, c=16, q=6, heads=4, layers=4):
+    def __init__(self, c=16, q=6, heads=4, layers=4, classes=3):
         super().__init__()
         self.num_heads, self.num_feature_levels = heads, 3
         self.query_feat, self.query_embed = nn.Embedding(q, c), nn.Embedding(q, c)
         self.level_embed = nn.Embedding(3, c)
         self.transformer_cross_attention_layers = nn.ModuleList(D2CrossAttentionLayer(c, heads) for _ in range(layers))
         self.mask_embed = nn.Linear(c, c)
+        self.class_embed = nn.Linear(c, classes + 1)              # K classes + "no object"
 
     def mask_and_attn(self, out, mask_features, size):
         masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(out.transpose(0, 1)), mask_features)
@@ -376,7 +474,7 @@ class D2Predictor(nn.Module):
             lvl = i % 3
             out = layer(out, src[lvl], memory_mask=am, pos=pos[lvl], query_pos=qpos)
             masks, am = self.mask_and_attn(out, mask_features, size_list[(i + 1) % 3])
-        return {"pred_masks": masks}
+        return {"pred_logits": self.class_embed(out.transpose(0, 1)), "pred_masks": masks}
 
 
 class D2SemSegHead(nn.Module):
@@ -400,16 +498,61 @@ class MaskFormer(nn.Module):
         return self.sem_seg_head(self.backbone(x))
 
 
+MEASURED = r"D2Backbone .*no known lattice; measured"
+
+
+def stand_in(keywords=False, wrap=None):
+    """A fresh stand-in (wrapped by `wrap`) whose tap geometry has been worked out, expecting the UserWarning
+    of its measured lattice (later taps of the same model use the cached geometry and do not warn)."""
+    m = MaskFormer(keywords)
+    m = wrap(m) if wrap is not None else m
+    with pytest.warns(UserWarning, match=MEASURED):
+        tap_meta(m)
+    return m
+
+
+def test_detectron2_stand_in_lattice_is_measured():
+    torch.manual_seed(0)
+    d2 = MaskFormer()
+    with pytest.warns(UserWarning, match=MEASURED) as rec:
+        meta = tap_meta(d2)
+    msg = str(rec[0].message)
+    assert all(f"backbone.res{i} offset 2 px" in msg for i in range(2, 6)), msg
+    # a patch stem puts cell j at 4j + 2; stride-2 convs keep the offset: 2 px at every level
+    for i in range(2, 6):
+        lat = meta[f"backbone.res{i}"].lattice
+        assert lat == Lattice(2 ** i, 2.0), (i, lat)
+        if i > 2:   # neither convention: corner would be 0.5 px, centred stride/2
+            assert lat != Lattice.corner(2 ** i) and lat != Lattice.centred(2 ** i) and not lat.is_centred
+    # the pixel decoder inherits the backbone lattice at its strides; attention its level's; output mask_features'
+    assert [meta[f"pixel_decoder.ms{i}"].lattice for i in range(3)] == [Lattice(32, 2.0), Lattice(16, 2.0), Lattice(8, 2.0)]
+    assert meta["pixel_decoder.mask_features"].lattice == meta["output.classes"].lattice == Lattice(4, 2.0)
+    for i in range(4):
+        assert meta[f"attention.layer{i}"].lattice == meta[f"pixel_decoder.ms{i % 3}"].lattice
+        assert meta[f"attention.layer{i}"].level == i % 3
+    # channels from output_shape() and the pixel decoder's mask_features conv
+    assert {meta[f"backbone.res{i}"].channels for i in range(2, 6)} == {16}
+    assert meta["pixel_decoder.mask_features"].channels == meta["pixel_decoder.ms0"].channels == 16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                            # cached: no second measurement, no warning
+        assert tap_meta(d2) is meta
+        specs = stage_taps(d2, STAGES)
+    assert {s.name: s.meta for s in specs} == {n: meta[n] for n in (s.name for s in specs)}
+
+
 @pytest.mark.parametrize("keywords", [False, True])
 def test_detectron2_family(keywords):
     torch.manual_seed(0)
-    d2 = MaskFormer(keywords).eval()
+    d2 = stand_in(keywords).eval()
     assert find_family(d2) == ("detectron2", "")
     x = torch.randn(4, 1, 64, 96)
     specs = stage_taps(d2)
     assert [s.path for s in specs if s.name.startswith("pixel_decoder")] == ["sem_seg_head.predictor"] * 4
-    with Taps(d2, specs) as taps:
-        d2(x)
+    out_specs = stage_taps(d2, "output")
+    assert [(s.name, s.path) for s in out_specs] == [("output.classes", "sem_seg_head.predictor")]
+    assert out_specs[0].path == LAYOUTS["detectron2"].output("")
+    with Taps(d2, specs + out_specs) as taps:
+        pred = d2(x)
     cap, meta = taps.check().captured, taps.meta
     with torch.no_grad():
         feats = d2.backbone(x)
@@ -419,20 +562,26 @@ def test_detectron2_family(keywords):
     assert torch.allclose(cap["pixel_decoder.mask_features"], mf)
     for i in range(3):
         assert torch.allclose(cap[f"pixel_decoder.ms{i}"], ms[i])
-    assert [meta[f"pixel_decoder.ms{i}"]["stride"] for i in range(3)] == [32, 16, 8]
-    assert meta["backbone.res3"]["stride"] == 8 and meta["pixel_decoder.mask_features"]["stride"] == 4
+    assert [meta[f"pixel_decoder.ms{i}"].stride for i in range(3)] == [32, 16, 8]
+    assert meta["backbone.res3"].stride == 8 and meta["pixel_decoder.mask_features"].stride == 4
     grids = {0: (2, 3), 1: (4, 6), 2: (8, 12)}
     for i in range(4):
         a = cap[f"attention.layer{i}"]
         h, w = grids[i % 3]
-        assert meta[f"attention.layer{i}"]["hw"] == (h, w) and a.shape == (4, 6, h * w)
+        assert meta[f"attention.layer{i}"].hw == (h, w) and a.shape == (4, 6, h * w)
         assert torch.allclose(a.sum(-1), torch.ones(4, 6), atol=1e-5)
-    assert tap_stride("attention.layer3", d2) == 32
+    assert tap_meta(d2)["attention.layer3"].stride == 32 and meta["attention.layer3"].level == 0
+    # the output tap: the predictor's class distribution per pixel, on the mask_features grid
+    p = cap["output.classes"]
+    assert pred["pred_logits"].shape == (4, 6, 4) and p.shape == (4, 3, 16, 24)
+    assert torch.allclose(p, class_distribution(pred["pred_logits"], pred["pred_masks"]))
+    assert torch.allclose(p.sum(1), torch.ones(4, 16, 24), atol=1e-5)
+    assert meta["output.classes"].lattice == meta["pixel_decoder.mask_features"].lattice
 
 
 def test_detectron2_keyword_only_attention_per_head_and_grad():
     torch.manual_seed(0)
-    d2 = MaskFormer()
+    d2 = stand_in()
     mha = d2.sem_seg_head.predictor.transformer_cross_attention_layers[1].multihead_attn
     seen = {}
 
@@ -470,11 +619,12 @@ def test_detectron2_wrapped_in_ddp_like_container():
         def __init__(self, m):
             super().__init__()
             self.module = m
-    w = DDPLike(MaskFormer())
+    w = stand_in(wrap=DDPLike)
     assert find_family(w) == ("detectron2", "module")
     specs = stage_taps(w, select=["backbone.res5", "attention.layer0"])
     assert [s.path for s in specs] == ["module.backbone",
                                        "module.sem_seg_head.predictor.transformer_cross_attention_layers.0.multihead_attn"]
     with Taps(w, specs) as taps:
         w.module(torch.randn(2, 1, 64, 64))
-    assert taps.check().meta["attention.layer0"]["hw"] == (2, 2)
+    assert taps.check().meta["attention.layer0"].hw == (2, 2)
+    assert stage_taps(w, "output")[0].path == "module.sem_seg_head.predictor"
