@@ -34,6 +34,29 @@ def test_expansion(grid, tmp_path):
     assert all(r.params["steps"] == 7 for r in load_grid(grid, steps=7))
 
 
+def test_per_dataset_merges_into_that_datasets_runs_only(tmp_path):
+    p = tmp_path / "g.yaml"
+    p.write_text("datasets: [craters, nuclei]\nseeds: [0, 1]\nshared: {steps: 2, crop: 64}\n"
+                 "per_dataset:\n  craters: {folds: 5, steps: 4}\n"
+                 "configs:\n  none: {mode: none}\n  big: {mode: rotaug, steps: 9}\n")
+    runs = {r.name: r for r in load_grid(p, out=tmp_path / "out")}
+    assert len(runs) == 8
+    for r in runs.values():
+        craters = r.dataset == "craters"
+        assert ("folds" in r.params) == craters and r.params.get("folds") == (5 if craters else None), r.name
+        # precedence: shared < per_dataset < the config < command-line overrides
+        assert r.params["steps"] == (9 if r.config == "big" else 4 if craters else 2), r.name
+        assert r.params["crop"] == 64
+    assert runs["craters-none-s1"].params == {"steps": 4, "crop": 64, "folds": 5, "mode": "none",
+                                              "name": "craters-none-s1", "dataset": "craters", "seed": 1}
+    assert runs["nuclei-none-s0"].params == {"steps": 2, "crop": 64, "mode": "none",
+                                             "name": "nuclei-none-s0", "dataset": "nuclei", "seed": 0}
+    assert all(r.params["steps"] == 3 for r in load_grid(p, steps=3))
+    from mars_nb.train import config_from_params, dataset_for
+    c = config_from_params(**runs["craters-none-s1"].params)
+    assert c.data.folds == 5 and dataset_for(c).parts["test"] == [(0, (340, 680, 0, 1700))]   # seed 1: fold 1
+
+
 @pytest.mark.parametrize("text, needle", [
     ("configs:\n  a: {mode: none}\nepochs: 3\n", ":3: unknown key 'epochs'"),
     ("configs:\n  a: {mode: none, stepz: 3}\n", ":2: unknown run parameter 'stepz'"),
@@ -55,6 +78,13 @@ def test_expansion(grid, tmp_path):
     ("configs:\n  a: {mode: none, train_angles: []}\n", "angle policy has no angles"),
     ("configs:\n  a: {mode: none, eval_angles: []}\n", "eval angles must be a non-empty list"),
     ("configs: !!python/object/apply:os.getcwd []\n", "not valid YAML"),
+    ("datasets: [craters]\nper_dataset:\n  nuclei: {folds: 5}\nconfigs:\n  a: {mode: none}\n",
+     ":3: per_dataset names 'nuclei', not one of the grid's datasets ['craters']"),
+    ("per_dataset:\n  craters: {stepz: 3}\nconfigs:\n  a: {mode: none}\n", ":2: unknown run parameter 'stepz'"),
+    ("per_dataset:\n  craters: {seed: 3}\nconfigs:\n  a: {mode: none}\n", ":2: 'seed' is set by the grid itself"),
+    ("per_dataset:\n  craters: 5\nconfigs:\n  a: {mode: none}\n", ":1: per_dataset maps a dataset to run parameters"),
+    ("datasets: [nuclei]\nper_dataset:\n  nuclei: {folds: 5}\nconfigs:\n  a: {mode: none}\n",
+     "config 'a': folds=5: spatial cross-validation needs"),
 ])
 def test_bad_grids_name_the_line(tmp_path, text, needle):
     p = tmp_path / "g.yaml"

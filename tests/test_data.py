@@ -8,7 +8,7 @@ from PIL import Image
 from scipy import ndimage
 
 from mars_nb.data import (DatasetError, SceneDataset, TileSpec, band_regions, crater_scene, craters, disc_instances,
-                          folder, load_dataset, nuclei, split_files, split_summary)
+                          fold_parts, folder, load_dataset, nuclei, split_files, split_summary)
 from mars_nb.views import IGNORE, footprint_radius
 
 
@@ -207,6 +207,83 @@ def test_sample_views_odd_angle_has_no_fill(cds, nds):
         v = ds.sample_views("train", 128, 33.0, np.random.default_rng(5))
         assert (v["label2"] != IGNORE).all() and (v["label1"] != IGNORE).all()
         assert torch.equal(torch.unique(v["label2"]), torch.unique(v["label1"])) or v["label1"].sum() == 0
+
+
+@pytest.mark.parametrize("a1, a2", [(90.0, 180.0), (270.0, 90.0), (0.0, 270.0), (180.0, 0.0)])
+def test_sample_views_angle1_turns_view_1_about_the_same_centre(cds, a1, a2):
+    "Quarter turns are exact: both views are rot90s of the upright crop drawn with the same generator."
+    up = cds.sample_views("train", 128, 0.0, np.random.default_rng(9))
+    v = cds.sample_views("train", 128, a2, np.random.default_rng(9), angle1=a1)
+    for k in ("image", "label", "instance"):
+        assert torch.equal(v[f"{k}1"], _rot(up[f"{k}1"], int(a1) // 90)), k
+        assert torch.equal(v[f"{k}2"], _rot(up[f"{k}1"], int(a2) // 90)), k
+    assert torch.equal(cds.sample_views("train", 128, a2, np.random.default_rng(9))["image1"], up["image1"])  # default: upright
+
+
+def test_sample_views_at_any_angle1_have_no_fill(cds):
+    v = cds.sample_views("train", 128, 200.0, np.random.default_rng(2), angle1=33.0)
+    assert (v["label1"] != IGNORE).all() and (v["label2"] != IGNORE).all()
+    up = cds.sample_views("train", 128, 0.0, np.random.default_rng(2))
+    ref = _reference_rotated_crop(up["image1"][0].numpy().astype(np.float64), (64, 64), (128, 128), 33.0, 1)
+    yy, xx = np.mgrid[0:128, 0:128] + 0.5
+    inner = (yy - 64) ** 2 + (xx - 64) ** 2 <= 60 ** 2          # where the upright crop holds the turned one's source
+    np.testing.assert_allclose(v["image1"][0].numpy()[inner], ref[inner], atol=1e-4)
+
+
+# ---------------------------------------------------------------- spatial cross-validation
+
+def _rows(parts):
+    "Per split, the set of rows its regions cover (every region spans the full width)."
+    return {s: {r for _, (y0, y1, _, _) in ps for r in range(y0, y1)} for s, ps in parts.items()}
+
+
+@pytest.mark.parametrize("height, folds", [(1700, 5), (1700, 3), (101, 4), (50, 7)])
+def test_fold_parts_cover_every_row_once_as_test_and_once_as_val(height, folds):
+    as_test, as_val = np.zeros(height, int), np.zeros(height, int)
+    for k in range(folds):
+        parts = fold_parts(height, 40, folds, k)
+        assert list(parts) == ["train", "val", "test"] and len(parts["val"]) == len(parts["test"]) == 1
+        rows = _rows(parts)
+        assert sum(len(r) for r in rows.values()) == height and set().union(*rows.values()) == set(range(height))
+        for s in ("test", "val"):
+            (scene, (y0, y1, x0, x1)), = parts[s]
+            assert scene == 0 and (x0, x1) == (0, 40) and abs((y1 - y0) - height / folds) < 1
+        as_test[list(rows["test"])] += 1
+        as_val[list(rows["val"])] += 1
+        train = sorted(r for _, r in parts["train"])
+        assert all(a[1] < b[0] for a, b in zip(train, train[1:])), f"fold {k}: neighbouring train bands not merged: {train}"
+        assert len(train) == (2 if 1 <= k <= folds - 3 else 1)     # two only when test + val cut the train bands
+    assert (as_test == 1).all() and (as_val == 1).all()
+
+
+def test_fold_parts_by_hand():
+    assert fold_parts(1700, 1700, 5, 2) == {"train": [(0, (0, 680, 0, 1700)), (0, (1360, 1700, 0, 1700))],
+                                            "val": [(0, (1020, 1360, 0, 1700))], "test": [(0, (680, 1020, 0, 1700))]}
+    assert fold_parts(1700, 1700, 5, 4) == {"train": [(0, (340, 1360, 0, 1700))], "val": [(0, (0, 340, 0, 1700))],
+                                            "test": [(0, (1360, 1700, 0, 1700))]}
+
+
+@pytest.mark.parametrize("folds, fold", [(2, 0), (5, 5), (5, -1), (5.0, 1), (5, 1.0), (None, 0)])
+def test_fold_parts_rejects_bad_folds(folds, fold):
+    with pytest.raises(ValueError, match=r"need folds >= 3 and 0 <= fold < folds"):
+        fold_parts(1700, 1700, folds, fold)
+
+
+def test_crater_folds_put_every_crater_in_one_split_and_in_one_test_fold():
+    _, cat, _ = crater_scene()
+    tested = np.zeros(len(cat), int)
+    for k in range(5):
+        ds = craters(folds=5, fold=k)
+        obj = ds.objects
+        assert len(obj) == 409 and set(obj.split) == {"train", "val", "test"}, "a crater in no split (or another name)"
+        rows = _rows(ds.parts)
+        centre = np.floor(cat.y.to_numpy() + 0.5).astype(int)          # independent: the split that holds the centre row
+        expect = np.array([next(s for s, r in rows.items() if c in r) for c in centre], dtype=object)
+        assert (obj.split.to_numpy() == expect).all()
+        tested += (obj.split == "test").to_numpy()
+        s = split_summary(ds).set_index("split")
+        assert s.objects.sum() == 409 and (s.tiles > 0).all()
+    assert (tested == 1).all(), "a crater is tested in no fold or in several"
 
 
 # ---------------------------------------------------------------- nuclei tiles with fill

@@ -5,7 +5,9 @@ import pandas as pd
 import pytest
 import torch
 
-from mars_nb.evaluate import class_iou, feature_consistency, summarize, sweep
+import numpy as np
+
+from mars_nb.evaluate import class_iou, feature_consistency, summarize, sweep, tile_confusion, write_sweep
 from mars_nb.views import IGNORE
 
 
@@ -93,3 +95,108 @@ def test_feature_consistency_is_one_at_zero_and_below_elsewhere():
     at0, at45 = fc[fc.angle == 0], fc[fc.angle == 45]
     assert set(fc.stage) == {"backbone", "pixel_decoder", "attention"}
     assert (at0.consistency > 0.9999).all() and (at45.consistency < 0.9999).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# per-tile confusion counts: what a tile-level bootstrap of the summary needs
+
+
+def test_tile_confusion_by_hand():
+    # two 2x3 tiles, 3 classes; rows: target class, columns: predicted class
+    target = torch.tensor([[[0, 1, 2], [2, 2, IGNORE]],
+                           [[1, 1, 1], [0, 0, 0]]])
+    pred = torch.tensor([[[0, 2, 2], [1, 2, 0]],
+                         [[1, 0, 1], [0, 2, 0]]])
+    valid = torch.ones(2, 2, 3, dtype=torch.bool)
+    valid[1, 0, 0] = False                                     # tile 1: its (0, 0) pixel is outside the valid region
+    cm = tile_confusion(pred, target, 3, valid)
+    assert cm.shape == (2, 3, 3) and cm.dtype == torch.int64
+    assert cm[0].tolist() == [[1, 0, 0],     # target 0: predicted 0
+                              [0, 0, 1],     # target 1: predicted 2
+                              [0, 1, 2]]     # target 2: predicted 2, 1, 2; the ignored pixel counts nowhere
+    assert cm[1].tolist() == [[2, 0, 1],
+                              [1, 1, 0],     # (0, 0) not valid: only (0, 1) -> 0 and (0, 2) -> 1
+                              [0, 0, 0]]
+    assert torch.equal(tile_confusion(pred, target, 3), tile_confusion(pred, target, 3, torch.ones_like(valid)))
+    assert int(tile_confusion(pred, target, 3).sum()) == 11    # 12 pixels, one IGNORE
+
+
+def test_pooled_tile_confusion_reproduces_class_iou():
+    g = torch.Generator().manual_seed(0)
+    for k in (2, 4):
+        target = torch.randint(0, k, (6, 16, 16), generator=g)
+        target[torch.rand(target.shape, generator=g) < 0.1] = IGNORE
+        pred = torch.randint(0, k, (6, 16, 16), generator=g)
+        valid = torch.rand(target.shape, generator=g) > 0.2
+        if k == 4:
+            target[target == 3] = 0; pred[pred == 3] = 1       # a class in neither map: NaN in both
+        cm = tile_confusion(pred, target, k, valid).double()
+        for tiles in (slice(None), slice(2, 3)):
+            c = cm[tiles].sum(0)
+            inter, union = c.diagonal(), c.sum(0) + c.sum(1) - c.diagonal()
+            iou = torch.where(union > 0, inter / union.clamp_min(1), torch.tensor(float("nan")))
+            ref = class_iou(pred[tiles], target[tiles], k, valid[tiles]).double()
+            assert torch.allclose(iou, ref, equal_nan=True, atol=1e-6), (k, iou, ref)
+            if k == 4:
+                assert torch.isnan(iou[3]) and torch.isnan(ref[3])
+
+
+class TwoSquares(Square):
+    "Two 8x8 tiles: the square of `Square`, and its mirror image (a square in the top-right quadrant)."
+    def test_tiles(self, split="test", size=8): return ["left", "right"]
+
+    def tile(self, spec, angle):
+        t = super().tile(spec, angle)
+        if spec == "right":
+            k = int(angle // 90)
+            lab = torch.rot90(torch.flip(self.label, dims=(-1,)), k)
+            t = {**t, "image": lab[None].float(), "label": lab}
+        return t
+
+
+def test_sweep_per_tile_confusion_shapes_and_counts():
+    ds = TwoSquares()
+    df, conf = sweep(torch.nn.Linear(1, 1), ds, [0, 90, 180], tile_size=8, progress=False, predict=fixed_top_left,
+                     per_tile=True)
+    assert isinstance(conf, np.ndarray) and conf.shape == (3, 2, 2, 2) and conf.dtype == np.int64
+    assert df.equals(sweep(torch.nn.Linear(1, 1), ds, [0, 90, 180], tile_size=8, progress=False, predict=fixed_top_left))
+    assert (conf.sum((-2, -1)) == 63).all()                           # every valid pixel of every tile, once
+    assert conf[0, 0].tolist() == [[47, 0], [0, 16]]                  # 0°, left tile: prediction = label
+    assert conf[1, 0].tolist() == [[31, 16], [16, 0]]                 # 90°: label bottom-left, prediction top-left
+    # right tile at 0°: square top-right, prediction top-left; the invalid corner (7, 7) is background
+    assert conf[0, 1].tolist() == [[31, 16], [16, 0]]
+    # pooled over tiles, each angle's counts give that row's IoUs
+    for i, row in df.iterrows():
+        c = conf[i].sum(0)
+        iou = np.diag(c) / (c.sum(0) + c.sum(1) - np.diag(c))
+        assert np.allclose(iou, [row["iou_background"], row["iou_thing"]]), (row["angle"], iou)
+
+
+def test_write_sweep_writes_tiles_npz_that_round_trips(tmp_path):
+    df, conf = sweep(torch.nn.Linear(1, 1), TwoSquares(), [0, 90, 180, 270], tile_size=8, progress=False,
+                     predict=shifted, per_tile=True)
+    metrics = write_sweep(df, tmp_path / "run", extra={"name": "x"}, confusion=conf)
+    assert metrics["name"] == "x" and (tmp_path / "run" / "sweep.csv").exists() and (tmp_path / "run" / "metrics.json").exists()
+    with np.load(tmp_path / "run" / "tiles.npz") as f:
+        assert set(f.files) == {"confusion", "angles"}
+        assert f["confusion"].dtype == np.int64 and np.array_equal(f["confusion"], conf)
+        assert f["angles"].tolist() == [0.0, 90.0, 180.0, 270.0] == df["angle"].tolist()
+    from mars_nb.report import run_confusion
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "run").rename(tmp_path / "runs" / "run")
+    assert np.array_equal(run_confusion(tmp_path, "run"), conf)       # what the report reads back
+    write_sweep(df, tmp_path / "plain")                                # without confusion counts: no tiles.npz
+    assert not (tmp_path / "plain" / "tiles.npz").exists() and (tmp_path / "plain" / "sweep.csv").exists()
+    assert run_confusion(tmp_path, "missing") is None
+
+
+def test_sweep_per_tile_on_craters_matches_the_summary():
+    "A real sweep: per-tile counts for every crater test tile, pooled back they give each angle's foreground IoU."
+    from mars_nb.data import load_dataset
+    from mars_nb.model import build_model
+    from mars_nb.report import mean_fg_iou
+    torch.manual_seed(0)
+    ds = load_dataset("craters")
+    df, conf = sweep(build_model("tiny").eval(), ds, [0, 30], batch_size=16, tile_size=128, progress=False, per_tile=True)
+    assert conf.shape == (2, len(ds.test_tiles("test", 128)), 2, 2)
+    assert np.allclose(mean_fg_iou(conf.sum(1)), df["fg_iou"].mean(), equal_nan=True)

@@ -21,11 +21,22 @@ def test_run_notebook_with_a_handful_of_steps(tmp_path):
     out.mkdir()
     pm.execute_notebook(str(TEMPLATE), str(out / "run.ipynb"), kernel_name="python3", progress_bar=False, cwd=str(tmp_path),
                         parameters={"steps": 3, "mode": "mars", "mars": {"preset": "hybrid"}, "dataset": "nuclei",
-                                    "eval_angles": [0, 90], "out_dir": str(out)})
+                                    "eval_angles": [0, 90], "eval_split": "val", "out_dir": str(out)})
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["mode"] == "mars" and metrics["steps"] == 3 and 0 <= metrics["fg_iou_0"] <= 1
-    for f in ("config.yaml", "sweep.csv", "features.csv", "iou_vs_angle.png", "stage_maps.png", "model.safetensors"):
+    assert metrics["split"] == "val"
+    for f in ("config.yaml", "sweep.csv", "features.csv", "iou_vs_angle.png", "stage_maps.png", "model.safetensors",
+              "tiles.npz"):
         assert (out / f).exists(), f
+    # the per-tile confusion counts of the sweep, on the tiles of the split it was asked for
+    import numpy as np
+    from mars_nb.losses import resolve_config
+    from mars_nb.train import RunConfig, dataset_for
+    cfg = RunConfig.from_yaml(out / "config.yaml")
+    assert cfg.eval.split == "val" and cfg.mars == resolve_config("hybrid")   # the resolved MARS config is recorded
+    with np.load(out / "tiles.npz") as t:
+        n_tiles = len(dataset_for(cfg).test_tiles("val", cfg.data.crop))
+        assert t["confusion"].shape == (2, n_tiles, 2, 2) and t["angles"].tolist() == [0.0, 90.0]
     # the exploration notebook loads the finished run and shows it at any angle
     pm.execute_notebook(str(ROOT / "nbs" / "experiments" / "explore.ipynb"), str(tmp_path / "explore.ipynb"),
                         kernel_name="python3", progress_bar=False, cwd=str(tmp_path),
@@ -61,3 +72,95 @@ def test_report_notebook_without_runs_says_what_to_do(tmp_path):
         pm.execute_notebook(str(ROOT / "nbs" / "experiments" / "report.ipynb"), str(tmp_path / "report.ipynb"),
                             kernel_name="python3", progress_bar=False, cwd=str(tmp_path),
                             parameters={"root": str(tmp_path)})
+
+
+# ---------------------------------------------------------------------------------------------
+# the report's comparisons: per-tile confusion counts (tiles.npz), a tile bootstrap, verdicts with detectable effects
+
+def test_template_parameters_are_the_run_parameters():
+    "Every run parameter (folds, view1_angles and eval_split among them) is a parameter of the template, and only those."
+    import ast
+    import nbformat
+    from mars_nb.train import RUN_PARAMS
+    cell = next(c for c in nbformat.read(TEMPLATE, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
+    names = {t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign) for t in node.targets}
+    assert names == set(RUN_PARAMS) | {"out_dir"}
+    assert {"folds", "view1_angles", "eval_split"} <= names
+
+
+def test_verdict_words():
+    from mars_nb.report import verdict
+    assert verdict(0.05, 0.01, 0.09, 3, 0.02) == "helps: +0.050 [+0.010, +0.090], detectable ≥ 0.020"
+    assert verdict(-0.05, -0.09, -0.01, 3, 0.02) == "hurts: -0.050 [-0.090, -0.010], detectable ≥ 0.020"
+    assert verdict(0.01, -0.02, 0.04, 3) == "no detectable difference: +0.010 [-0.020, +0.040]"   # mde unknown: not said
+    assert verdict(0.01, float("nan"), float("nan"), 1).startswith("+0.010 on one replicate")
+    assert verdict(float("nan"), 0.0, 0.0, 3) == "not comparable"
+
+
+def _fg_iou(conf):
+    "Independent: foreground IoU (class 1 of 2) of counts [..., angles, 2, 2] pooled already, mean over angles."
+    tp, fn, fp = conf[..., 1, 1], conf[..., 1, 0], conf[..., 0, 1]
+    return (tp / (tp + fn + fp)).mean(-1)
+
+
+def _fake_root(root, configs, seeds=(0, 1, 2), tiles=6, angles=(0.0, 90.0), without_tiles=()):
+    "Finished runs of made-up per-tile counts: config -> true positives added per tile (better configs, more)."
+    import numpy as np
+    import pandas as pd
+    from mars_nb.evaluate import write_sweep
+    from mars_nb.train import DataConfig, RunConfig
+    for ci, (config, bonus) in enumerate(configs.items()):
+        for seed in seeds:
+            rng = np.random.default_rng([ci, seed])
+            conf = np.zeros((len(angles), tiles, 2, 2), np.int64)
+            conf[..., 1, 1] = rng.integers(20, 40, (len(angles), tiles)) + bonus
+            conf[..., 1, 0] = rng.integers(5, 20, (len(angles), tiles))
+            conf[..., 0, 1] = rng.integers(5, 20, (len(angles), tiles))
+            conf[..., 0, 0] = 400 - conf.sum((-2, -1))
+            pooled = conf.sum(1)
+            fg = pooled[:, 1, 1] / (pooled[:, 1, 1] + pooled[:, 1, 0] + pooled[:, 0, 1])
+            bg = pooled[:, 0, 0] / (pooled[:, 0, 0] + pooled[:, 1, 0] + pooled[:, 0, 1])
+            df = pd.DataFrame({"angle": list(angles), "miou": (fg + bg) / 2, "fg_iou": fg, "consistency": 1.0,
+                               "n_tiles": tiles, "iou_background": bg, "iou_crater": fg})
+            name = f"craters-{config}-s{seed}"
+            out = root / "runs" / name
+            write_sweep(df, out, extra={"name": name, "dataset": "craters", "seed": seed},
+                        confusion=None if config in without_tiles else conf)
+            RunConfig(name=name, data=DataConfig(dataset="craters")).to_yaml(out / "config.yaml")
+            (out / "done.json").write_text(json.dumps({"name": name, "config": config, "dataset": "craters", "seed": seed}))
+    return root
+
+
+def test_compare_pairs_replicates_and_tiles(tmp_path):
+    import numpy as np
+    from mars_nb.report import MDE_FACTOR, collect, compare, run_confusion, tile_bootstrap
+    root = _fake_root(tmp_path, {"rotaug": 0, "mars-x": 15, "nolog": 0}, without_tiles=("nolog",))
+    runs, _ = collect(root)
+    c = compare(root, runs, "mars-x", "rotaug", "craters", n=500)
+    ca = np.stack([run_confusion(root, f"craters-mars-x-s{s}") for s in range(3)])
+    cb = np.stack([run_confusion(root, f"craters-rotaug-s{s}") for s in range(3)])
+    expect = float(np.mean(_fg_iou(ca.sum(2))) - np.mean(_fg_iou(cb.sum(2))))
+    assert c["n"] == 3 and c["diff"] == pytest.approx(expect, abs=1e-12) and c["diff"] > 0.1
+    assert c["lo"] < c["diff"] < c["hi"] and c["lo"] > 0
+    assert c["mde"] == pytest.approx(MDE_FACTOR * c["se"]) and 2.7 < MDE_FACTOR < 2.9 and c["se"] > 0
+    same = compare(root, runs, "rotaug", "rotaug", "craters", n=200)     # a configuration against itself: exactly 0
+    assert same["diff"] == 0 and same["lo"] == same["hi"] == 0
+    assert np.isnan(compare(root, runs, "nolog", "rotaug", "craters")["diff"])   # no tiles.npz: nothing to bootstrap
+    with pytest.raises(ValueError, match="same replicates and tiles"):
+        tile_bootstrap(ca, cb[:, :, :3])
+
+
+def test_comparisons_read_each_config_against_rotaug_and_the_strongest_control(tmp_path):
+    from mars_nb.report import collect, comparisons, summary_table, write_report
+    root = _fake_root(tmp_path / "grid", {"none": -10, "rotaug": 0, "outcons": 8, "mars-x": 20})
+    runs, _ = collect(root)
+    table = summary_table(runs)
+    comps = comparisons(root, runs, table)
+    pairs = [(r.config, r.control) for r in comps.itertuples()]
+    assert pairs == [("none", "rotaug"), ("none", "outcons"), ("rotaug", "outcons"), ("outcons", "rotaug"),
+                     ("mars-x", "rotaug"), ("mars-x", "outcons")]
+    assert (comps.set_index(["config", "control"]).loc[("mars-x", "outcons"), "lo"] > 0)
+    write_report(root, panels=False, dest=tmp_path / "out")
+    readme = (tmp_path / "out" / "README.md").read_text()
+    assert (tmp_path / "out" / "comparisons.csv").exists() and "## Comparisons" in readme
+    assert "- `mars-x`: helps: +" in readme and "detectable ≥" in readme

@@ -35,9 +35,9 @@ def train_and_sweep(out) -> dict:
     from mars_nb.evaluate import sweep, write_sweep
     cfg = kill_cfg()
     module = fit(cfg, out, progress=False)
-    df = sweep(module.model.eval(), dataset_for(cfg), cfg.eval.angles, cfg.eval.batch_size, tile_size=cfg.data.crop,
-               progress=False)
-    return write_sweep(df, out)
+    df, confusion = sweep(module.model.eval(), dataset_for(cfg), cfg.eval.angles, cfg.eval.batch_size, split=cfg.eval.split,
+                          tile_size=cfg.data.crop, progress=False, per_tile=True)
+    return write_sweep(df, out, confusion=confusion)
 
 
 CHILD = """
@@ -112,6 +112,9 @@ def test_a_run_killed_anywhere_resumes_to_the_same_end(killed, uninterrupted, po
     assert set(metrics) == set(ref_metrics)
     for k, v in ref_metrics.items():
         assert metrics[k] == pytest.approx(v, abs=1e-6), k
+    import numpy as np
+    with np.load(ref_dir / "tiles.npz") as ref_tiles, np.load(run / "tiles.npz") as tiles:
+        assert np.array_equal(tiles["confusion"], ref_tiles["confusion"]), "per-tile counts differ"
     a, b = load_file(str(ref_dir / "model.safetensors")), load_file(str(run / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), "weights differ"
     log, ref_log = read_log(run), read_log(ref_dir)

@@ -64,10 +64,13 @@ def test_stream_items_are_pure_functions_of_seed_and_index():
     a = ViewPairs(ds, 64, 2, AnglePolicy(), seed=1)
     b = ViewPairs(ds, 64, 2, AnglePolicy(), seed=1)
     x, y = a[5], b[5]
-    assert x["angle"] == y["angle"] == a[4]["angle"]            # one angle per batch of 2
+    assert x["angle2"] == y["angle2"] == a[4]["angle2"]          # one angle per batch of 2
+    assert x["angle1"] == a[4]["angle1"] == 0.0                  # no view-1 policy: view 1 upright
+    assert a.angles(2) == (x["angle1"], x["angle2"])             # item 5 is in global batch 5 // 2
+    assert isinstance(x["angle1"], float) and isinstance(x["angle2"], float)
     assert torch.equal(x["image2"], y["image2"]) and not torch.equal(a[5]["image1"], a[6]["image1"])
     # a 90/180/270 view is the exact rotation of the upright one
-    k = int(x["angle"] // 90)
+    k = int(x["angle2"] // 90)
     assert torch.equal(x["label2"], torch.rot90(x["label1"], k, dims=(-2, -1)))
     # DDP ranks take disjoint global batches and together cover all of them
     ranks = [list(StepSampler(0, 3, 2, rank=r, world=2)) for r in (0, 1)]
@@ -119,9 +122,12 @@ def test_a_batch_outside_the_angle_policy_is_refused():
     cfg = RunConfig(train=TrainConfig(mode="rotaug", angles=AnglePolicy("discrete", [90.0])))
     module = MarsModule(cfg.to_dict(), num_labels=2, num_channels=1)
     x, y = torch.zeros(1, 1, 64, 64), torch.zeros(1, 64, 64, dtype=torch.long)
-    batch = {"image1": x, "label1": y, "image2": x, "label2": y, "angle": 45.0}
+    batch = {"image1": x, "label1": y, "image2": x, "label2": y, "angle1": 0.0, "angle2": 45.0}
     with pytest.raises(ConfigError, match="angle 45.0 is outside the policy discrete"):
         module.training_step(batch, 0)
+    # without view1_angles, view 1 is upright: a turned view 1 is refused as well
+    with pytest.raises(ValueError, match=r"view 1 is upright in this run \(no view1_angles\), got angle1=90.0"):
+        module.training_step({**batch, "angle1": 90.0, "angle2": 90.0}, 0)
 
 
 @pytest.mark.parametrize("mode", ["none", "mars"])
@@ -130,7 +136,7 @@ def test_a_training_batch_not_a_multiple_of_32_is_refused(mode):
     from mars_nb.train import MarsModule
     module = MarsModule(RunConfig(train=TrainConfig(mode=mode), mars={"preset": "pixel"}).to_dict(), num_labels=2, num_channels=1)
     x, y = torch.zeros(2, 1, 100, 64), torch.zeros(2, 100, 64, dtype=torch.long)
-    batch = {"image1": x, "label1": y, "image2": x, "label2": y, "angle": 90.0}
+    batch = {"image1": x, "label1": y, "image2": x, "label2": y, "angle1": 0.0, "angle2": 90.0}
     with pytest.raises(ValueError, match=r"training images are 100x64; both sides must be multiples of 32: crop them "
                                          r"\(e.g. to 96x64\)"):
         module.training_step(batch, 0)
@@ -198,6 +204,13 @@ def test_two_process_ddp_on_cpu(tmp_path):
     ({"mars": {"stages": {"backbone": {"distance": "l1"}}}}, ["'l1'", "cosine, mse, smooth_l1, infonce, mars_pooled"]),
     ({"mars": {"stages": {"backbone": {"taps": ["res9"]}}}}, ["res9", "res2, res3, res4, res5"]),
     ({"mars": {"stages": {"decoder": {}}}}, ["'decoder'", "backbone, pixel_decoder, attention"]),
+    ({"train": {"mode": "none", "view1_angles": {"kind": "range", "values": [0, 360]}}},
+     ["view1_angles turns view 1", "mode 'none'", "use mode 'rotaug'"]),
+    ({"train": {"share_every": -1}}, ["share_every must be >= 0 steps (0: never), got -1"]),
+    ({"train": {"view1_angles": {"kind": "range", "values": [90, 0]}}}, ["RunConfig.train.view1_angles", "[90, 0]"]),
+    ({"data": {"dataset": "nuclei", "folds": 5}}, ["folds=5", "a dataset that has folds", "['craters']"]),
+    ({"data": {"dataset": "folder", "root": "somewhere", "folds": 5}}, ["folds=5", "['craters']"]),
+    ({"data": {"dataset": "craters", "folds": 2}}, ["folds=2", "folds >= 3"]),
 ])
 def test_more_bad_configs_name_the_value_and_the_choices(bad, words):
     with pytest.raises(ConfigError) as e:
@@ -213,7 +226,8 @@ def test_bad_run_parameters_name_the_value():
         config_from_params(mode="mars", mars="pixels")
     with pytest.raises(ConfigError, match=r"RunConfig.data.crop: expected an integer, got '64'"):
         config_from_params(crop="64")
-    assert config_from_params(mode="mars", mars="hybrid").mars == {"preset": "hybrid"}
+    from mars_nb.losses import resolve_config
+    assert config_from_params(mode="mars", mars="hybrid").mars == resolve_config("hybrid")   # recorded resolved
 
 
 def test_config_file_errors_name_the_file(tmp_path):
@@ -404,3 +418,171 @@ def test_load_trained_refuses_weights_of_another_configuration(trained, tmp_path
     (run / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=r"has no model\.safetensors: its training was interrupted: run it again"):
         load_trained(run)
+
+
+# ---------------------------------------------------------------------------------------------
+# the controls and the bookkeeping of the paper: rotaug-any (view1_angles), outcons (the output stage),
+# the recorded MARS config, gradient shares, spatial cross-validation folds, the ignore-aware supervised loss
+
+ANY = {"kind": "range", "values": [0, 360]}
+
+
+def test_params_map_the_new_parameters_onto_the_config():
+    c = config_from_params(folds=5, view1_angles=ANY, eval_split="val", seed=7)
+    assert c.data.folds == 5 and c.eval.split == "val" and c.train.seed == 7
+    assert c.train.view1_angles == AnglePolicy("range", [0.0, 360.0])
+    assert config_from_params(view1_angles=[0, 90]).train.view1_angles == AnglePolicy("discrete", [0.0, 90.0])
+    d = config_from_params()
+    assert d.data.folds is None and d.train.view1_angles is None and d.eval.split == "test"
+    assert {"folds", "view1_angles", "eval_split"} <= set(__import__("mars_nb.train").train.RUN_PARAMS)
+    with pytest.raises(ConfigError, match="eval split 'holdout'"):
+        config_from_params(eval_split="holdout")
+
+
+def test_mode_mars_records_the_resolved_mars_config(tmp_path):
+    from mars_nb.losses import resolve_config
+    from mars_nb.taps import HYBRID
+    hybrid = RunConfig(train=TrainConfig(mode="mars"))
+    assert hybrid.mars == resolve_config(None) and set(hybrid.mars["stages"]) == set(HYBRID)
+    assert hybrid.mars["margin"] == 1.0 and "gradient" in hybrid.mars and "matching" in hybrid.mars
+    short = RunConfig(train=TrainConfig(mode="mars"), mars={"preset": "backbone", "margin": 2})
+    assert short.mars == resolve_config({"preset": "backbone", "margin": 2}) and set(short.mars["stages"]) == {"backbone"}
+    short.to_yaml(tmp_path / "c.yaml")
+    written = __import__("yaml").safe_load((tmp_path / "c.yaml").read_text())["mars"]
+    assert set(written) >= {"stages", "margin", "gradient"} and "preset" not in written
+    assert RunConfig.from_yaml(tmp_path / "c.yaml") == short
+    # in other modes the MARS settings are only checked, and kept as given
+    assert RunConfig(train=TrainConfig(mode="rotaug"), mars={"preset": "hybrid"}).mars == {"preset": "hybrid"}
+    assert RunConfig(train=TrainConfig(mode="none")).mars == {}
+
+
+def test_rotaug_any_views_are_one_crop_turned_by_angle1_and_angle2():
+    "With view1_angles, view 1 is the crop turned by angle1 and view 2 the same crop turned by angle2 (about one centre)."
+    from mars_nb.data import load_dataset
+    from mars_nb.train import ViewPairData
+    from mars_nb.views import IGNORE, rotate, rotate_labels
+    ds, h = load_dataset("craters"), 128
+    pairs = ViewPairs(ds, h, 2, AnglePolicy(**ANY), seed=3, policy1=AnglePolicy(**ANY))
+    first = [pairs.angles(b)[0] for b in range(8)]
+    assert len(set(first)) == 8 and all(0 <= a < 360 for a in first), "angle1 does not vary across batches"
+    yy, xx = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(h) + 0.5, indexing="ij")
+    interior = (yy - h / 2) ** 2 + (xx - h / 2) ** 2 <= (h / 2 - 3) ** 2   # inside view 1 at any relative angle
+    for i in (0, 4, 10):
+        it = pairs[i]
+        a1, a2 = it["angle1"], it["angle2"]
+        assert (a1, a2) == pairs.angles(i // 2) == (pairs[i + 1]["angle1"], pairs[i + 1]["angle2"])   # one pair per batch
+        # the same draw (generator (seed, i)) through sample_views at those angles gives this very pair
+        again = ds.sample_views("train", h, a2, np.random.default_rng([3, i]), angle1=a1)
+        assert all(torch.equal(again[k], it[k]) for k in again)
+        err = lambda turn: float((rotate(it["image1"], turn) - it["image2"])[0][interior].abs().mean())
+        assert err(a2 - a1) < 0.05, "view 2 is not view 1 turned by angle2 - angle1"
+        assert err(a2 - a1) < 0.2 * min(err(a2), err(a2 - a1 + 10)), "the check cannot tell the angles apart"
+        same = rotate_labels(it["label1"], a2 - a1) == it["label2"]
+        assert float(same[interior].float().mean()) > 0.99 and (it["label1"] != IGNORE).all()
+    # the run's stream gets the view-1 policy from its config
+    cfg = RunConfig(data=DataConfig(dataset="craters", crop=64, batch_size=2),
+                    train=TrainConfig(mode="rotaug", view1_angles=AnglePolicy("range", [10.0, 20.0]), seed=1))
+    batch = next(iter(ViewPairData(cfg, ds).train_dataloader()))
+    assert 10 <= batch["angle1"] < 20 and batch["angle2"] in (90.0, 180.0, 270.0)
+
+
+def _module(mode="rotaug", **train):
+    from mars_nb.train import MarsModule
+    cfg = RunConfig(train=TrainConfig(mode=mode, **train), mars={"preset": "backbone"} if mode == "mars" else {})
+    return MarsModule(cfg.to_dict(), num_labels=2, num_channels=1)
+
+
+def _pair(angle1, angle2, n=2, size=64):
+    torch.manual_seed(0)
+    x, y = torch.randn(n, 1, size, size), torch.randint(0, 2, (n, size, size))
+    return {"image1": x, "label1": y, "image2": x.clone(), "label2": y.clone(), "angle1": angle1, "angle2": angle2}
+
+
+def test_a_batch_outside_the_view1_policy_is_refused():
+    module = _module(view1_angles=AnglePolicy("range", [0.0, 90.0]))
+    with pytest.raises(ConfigError, match=r"angle 120.0 is outside the policy range \[0.0, 90.0\]"):
+        module.training_step(_pair(120.0, 90.0), 0)
+    with pytest.raises(ConfigError, match=r"angle 45.0 is outside the policy discrete"):
+        module.training_step(_pair(30.0, 45.0), 0)                 # view 2 is still checked against its own policy
+    assert torch.isfinite(module.training_step(_pair(30.0, 90.0), 0))
+
+
+def test_mars_compares_the_views_through_their_relative_angle(monkeypatch):
+    from mars_nb import losses
+    real, seen = losses.MarsLoss.forward, []
+
+    def spy(self, *a, **kw):
+        seen.append(kw["angle"])
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(losses.MarsLoss, "forward", spy)
+    module = _module("mars", angles=AnglePolicy("discrete", [270.0]), view1_angles=AnglePolicy("discrete", [90.0]))
+    batch = _pair(90.0, 270.0)
+    batch["image2"], batch["label2"] = (torch.rot90(batch[k], 2, dims=(-2, -1)) for k in ("image1", "label1"))
+    assert torch.isfinite(module.training_step(batch, 0))
+    assert seen == [180.0]
+
+
+def test_training_uses_the_ignore_aware_criterion():
+    "The supervised term is `mask2former_loss` of the output with its auxiliary layers, not Hugging Face's own loss."
+    from mars_nb.model import mask2former_loss
+    from mars_nb.views import IGNORE
+    module = _module("none")
+    batch = _pair(0.0, 0.0)
+    batch["label1"][..., 40:] = IGNORE                                  # training crops may hold ignored pixels
+    torch.manual_seed(11)
+    loss = module.training_step(batch, 0)
+    torch.manual_seed(11)
+    out = module.model(pixel_values=batch["image1"], output_auxiliary_logits=True)
+    assert torch.equal(loss, mask2former_loss(out, batch["label1"], module.model.config)["loss"])
+    # nothing valid: nothing to learn (Hugging Face's loss would still push every query to "no object")
+    batch["label1"][:] = IGNORE
+    assert module.training_step(batch, 0).item() == 0.0
+
+
+def test_gradient_shares_are_logged_per_stage(tmp_path):
+    "Three MARS steps (hybrid, the default for mars={}) with share_every=1: train/share/<stage> at every step."
+    from mars_nb.losses import resolve_config
+    cfg = RunConfig(name="share", data=DataConfig(dataset="craters", crop=64, batch_size=2),
+                    train=TrainConfig(mode="mars", steps=3, share_every=1, ckpt_every=3, log_every=1, seed=1))
+    fit(cfg, tmp_path, progress=False)
+    log = read_log(tmp_path)
+    stages = set(resolve_config(None)["stages"])
+    shares = {c for c in log.columns if c.startswith("train/share/")}
+    assert shares == {f"train/share/{s}" for s in stages}, log.columns.tolist()
+    assert list(log["step"]) == [0, 1, 2]
+    for c in shares:
+        assert np.isfinite(log[c]).all() and (log[c] > 0).all(), (c, log[c].tolist())
+    assert RunConfig.from_yaml(tmp_path / "config.yaml").mars == resolve_config(None)   # the stages that trained
+
+
+def test_an_outcons_run_trains_and_logs_the_output_term(tmp_path):
+    "outcons: mode mars with the output preset (class distributions of the two views compared)."
+    cfg = config_from_params(name="outcons", dataset="craters", mode="mars", mars="output", steps=2, crop=64, batch_size=2)
+    cfg.train.log_every, cfg.train.share_every = 1, 0
+    assert set(cfg.mars["stages"]) == {"output"}
+    fit(cfg, tmp_path, progress=False)
+    log = read_log(tmp_path)
+    assert list(log["step"]) == [0, 1] and np.isfinite(log["train/mars/output"]).all()
+    assert (log["train/mars/output"] >= 0).all() and not any(c.startswith("train/share/") for c in log.columns)
+    assert (tmp_path / "model.safetensors").exists()
+
+
+def test_folds_train_on_the_fold_the_seed_picks(tmp_path, monkeypatch):
+    "5 folds of 340 rows; seed 7 -> fold 2: test rows 680-1020, val the next band, train the rest (two regions)."
+    from mars_nb import train
+    from mars_nb.train import dataset_for
+    c = config_from_params(folds=5, seed=7, mode="none", steps=1, crop=64, batch_size=2)
+    ds = dataset_for(c)
+    assert ds.parts == {"train": [(0, (0, 680, 0, 1700)), (0, (1360, 1700, 0, 1700))],
+                        "val": [(0, (1020, 1360, 0, 1700))], "test": [(0, (680, 1020, 0, 1700))]}
+    assert dataset_for(config_from_params(folds=5, seed=3)).parts["test"] == [(0, (1020, 1360, 0, 1700))]
+    assert dataset_for(config_from_params()).parts["test"] == [(0, (340, 680, 0, 1700))]   # no folds: the bands
+    calls, real = [], train.load_dataset
+    monkeypatch.setattr(train, "load_dataset", lambda name, **kw: calls.append((name, kw)) or real(name, **kw))
+    fit(c, tmp_path, progress=False)
+    assert calls == [("craters", {"folds": 5, "fold": 2})]
+    assert RunConfig.from_yaml(tmp_path / "config.yaml").data.folds == 5
+    for bad in ({"dataset": "nuclei"}, {"dataset": "folder", "root": str(tmp_path)}):
+        with pytest.raises(ConfigError, match=r"folds=5: spatial cross-validation needs .*\['craters'\]"):
+            config_from_params(folds=5, **bad)
