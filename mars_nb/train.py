@@ -60,7 +60,9 @@ def _coerce(tp, value, where: str):
         return from_dict(tp, value, where)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args: return None
-        for a in (a for a in args if a is not type(None)):
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1: return _coerce(options[0], value, where)     # an optional X: X's own message
+        for a in options:
             try: return _coerce(a, value, where)
             except ConfigError: pass
         raise ConfigError(f"{where}: {value!r} is not {' or '.join(_type_name(a) for a in args)}")
