@@ -785,11 +785,12 @@ def gradient_shares(model: nn.Module, weighted: Mapping[str, Tensor], supervised
     family, prefix = find_family(model)
     lay = LAYOUTS[family]
     norm = lambda gs: torch.sqrt(sum((g.float().pow(2).sum() for g in gs if g is not None), torch.zeros(())))
+    params = {s: [p for p in model.get_submodule(f"{prefix}.{lay.stage_modules[s]}" if prefix else lay.stage_modules[s])
+                  .parameters() if p.requires_grad] for s in weighted}
+    union = list({id(p): p for ps in params.values() for p in ps}.values())       # one supervised backward for all
+    sup = dict(zip(map(id, union), torch.autograd.grad(supervised, union, retain_graph=True, allow_unused=True)))
     out = {}
     for stage, term in weighted.items():
-        path = f"{prefix}.{lay.stage_modules[stage]}" if prefix else lay.stage_modules[stage]
-        params = [p for p in model.get_submodule(path).parameters() if p.requires_grad]
-        gm = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
-        gs = torch.autograd.grad(supervised, params, retain_graph=True, allow_unused=True)
-        out[stage] = (norm(gm) / norm(gs).clamp_min(1e-12)).detach()
+        gm = torch.autograd.grad(term, params[stage], retain_graph=True, allow_unused=True)
+        out[stage] = (norm(gm) / norm([sup[id(p)] for p in params[stage]]).clamp_min(1e-12)).detach()
     return out

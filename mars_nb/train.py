@@ -61,7 +61,11 @@ def _coerce(tp, value, where: str):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args: return None
         options = [a for a in args if a is not type(None)]
-        if len(options) == 1: return _coerce(options[0], value, where)     # an optional X: X's own message
+        if len(options) == 1:                               # an optional X: X's own message, and where it sits
+            try: return _coerce(options[0], value, where)
+            except ConfigError as e:
+                if str(e).startswith(where): raise
+                raise ConfigError(f"{where}: {e}") from None
         for a in options:
             try: return _coerce(a, value, where)
             except ConfigError: pass

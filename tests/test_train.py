@@ -207,7 +207,7 @@ def test_two_process_ddp_on_cpu(tmp_path):
     ({"train": {"mode": "none", "view1_angles": {"kind": "range", "values": [0, 360]}}},
      ["view1_angles turns view 1", "mode 'none'", "use mode 'rotaug'"]),
     ({"train": {"share_every": -1}}, ["share_every must be >= 0 steps (0: never), got -1"]),
-    ({"train": {"view1_angles": {"kind": "range", "values": [90, 0]}}}, ["RunConfig.train.view1_angles", "[90, 0]"]),
+    ({"train": {"view1_angles": {"kind": "range", "values": [90, 0]}}}, ["RunConfig.train.view1_angles", "lo < hi", "[90.0, 0.0]"]),
     ({"data": {"dataset": "nuclei", "folds": 5}}, ["folds=5", "a dataset that has folds", "['craters']"]),
     ({"data": {"dataset": "folder", "root": "somewhere", "folds": 5}}, ["folds=5", "['craters']"]),
     ({"data": {"dataset": "craters", "folds": 2}}, ["folds=2", "folds >= 3"]),
