@@ -12,6 +12,8 @@ from mars_nb.taps import (HYBRID, LAYOUTS, STAGES, TapMeta, Taps, TapSpec, class
                           resolve_paths, split_views, stage_taps, tap_meta)
 from mars_nb.views import Lattice
 
+from d2_stand_in import MaskFormer, PatchStemNet
+
 
 def hook_count(model):
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
@@ -386,125 +388,16 @@ def test_wrapped_models_and_unknown_family(model, batch):
 
 
 # ---------------------------------------------------------------------------------------------
-# detectron2 family: a stand-in with the official module paths and calling conventions
+# detectron2 family: the stand-in of d2_stand_in.py (the official module paths and calling conventions)
+# with its patch-stem backbone, whose lattice is measured
 # ---------------------------------------------------------------------------------------------
-
-class ShapeSpec:
-    "Like detectron2.layers.ShapeSpec: what `_d2_geometry` reads from `backbone.output_shape()`."
-    def __init__(self, stride, channels):
-        self.stride, self.channels = stride, channels
-
-
-class D2Backbone(nn.Module):
-    """Returns a dict res2..res5 (strides 4, 8, 16, 32), like detectron2's Backbone. Not a known backbone type:
-    its lattice (a 4x4 patch stem, then stride-2 3x3 convolutions: cell centres at stride·j + 2 px) is measured."""
-    def __init__(self, c=16):
-        super().__init__()
-        self.c = c
-        self.stem = nn.Conv2d(1, c, 4, 4)
-        self.res3, self.res4, self.res5 = (nn.Conv2d(c, c, 3, 2, 1) for _ in range(3))
-
-    def forward(self, x):
-        r2 = self.stem(x)
-        r3 = self.res3(r2)
-        r4 = self.res4(r3)
-        return {"res2": r2, "res3": r3, "res4": r4, "res5": self.res5(r4)}
-
-    def output_shape(self):
-        return {f"res{i}": ShapeSpec(2 ** i, self.c) for i in range(2, 6)}
-
-
-class D2PixelDecoder(nn.Module):
-    "Like MSDeformAttnPixelDecoder: no forward(), only forward_features -> (mask_features, enc, multi_scale)."
-    def __init__(self, c=16):
-        super().__init__()
-        self.mask_features = nn.Conv2d(c, c, 1)                # conv_dim -> mask_dim, as in the official decoder
-        self.proj = nn.ModuleList(nn.Conv2d(c, c, 1) for _ in range(3))
-        self.transformer_feature_strides = [8, 16, 32]
-        self.common_stride = 4
-
-    def forward_features(self, f):
-        ms = [p(f[k]) for p, k in zip(self.proj, ["res5", "res4", "res3"])]  # strides 32, 16, 8
-        return self.mask_features(f["res2"]), ms[0], ms
-
-
-class D2CrossAttentionLayer(nn.Module):
-    "Like CrossAttentionLayer.forward_post: keyword-only MHA call, weights thrown away."
-    def __init__(self, c=16, heads=4):
-        super().__init__()
-        self.multihead_attn = nn.MultiheadAttention(c, heads, dropout=0.0)
-        self.norm = nn.LayerNorm(c)
-
-    def forward(self, tgt, memory, memory_mask=None, pos=None, query_pos=None):
-        tgt2 = self.multihead_attn(query=tgt + query_pos, key=memory + pos, value=memory,
-                                   attn_mask=memory_mask, key_padding_mask=None)[0]
-        return self.norm(tgt + tgt2)
-
-
-class D2Predictor(nn.Module):
-    "Like MultiScaleMaskedTransformerDecoder: called as predictor(multi_scale_features, mask_features, mask)."
-    def __init__(self, c=16, q=6, heads=4, layers=4, classes=3):
-        super().__init__()
-        self.num_heads, self.num_feature_levels = heads, 3
-        self.query_feat, self.query_embed = nn.Embedding(q, c), nn.Embedding(q, c)
-        self.level_embed = nn.Embedding(3, c)
-        self.transformer_cross_attention_layers = nn.ModuleList(D2CrossAttentionLayer(c, heads) for _ in range(layers))
-        self.mask_embed = nn.Linear(c, c)
-        self.class_embed = nn.Linear(c, classes + 1)              # K classes + "no object"
-
-    def mask_and_attn(self, out, mask_features, size):
-        masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(out.transpose(0, 1)), mask_features)
-        am = nn.functional.interpolate(masks, size=size, mode="bilinear", align_corners=False)
-        am = (am.sigmoid().flatten(2).unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1) < 0.5).bool()
-        am[torch.where(am.sum(-1) == am.shape[-1])] = False
-        return masks, am.detach()
-
-    def forward(self, x, mask_features, mask=None):
-        assert len(x) == self.num_feature_levels
-        src, pos, size_list = [], [], []
-        for i in range(3):
-            size_list.append(x[i].shape[-2:])
-            pos.append(torch.zeros_like(x[i]).flatten(2).permute(2, 0, 1))
-            src.append((x[i].flatten(2) + self.level_embed.weight[i][None, :, None]).permute(2, 0, 1))
-        B = src[0].shape[1]
-        qpos = self.query_embed.weight.unsqueeze(1).repeat(1, B, 1)
-        out = self.query_feat.weight.unsqueeze(1).repeat(1, B, 1)
-        masks, am = self.mask_and_attn(out, mask_features, size_list[0])
-        for i, layer in enumerate(self.transformer_cross_attention_layers):
-            lvl = i % 3
-            out = layer(out, src[lvl], memory_mask=am, pos=pos[lvl], query_pos=qpos)
-            masks, am = self.mask_and_attn(out, mask_features, size_list[(i + 1) % 3])
-        return {"pred_logits": self.class_embed(out.transpose(0, 1)), "pred_masks": masks}
-
-
-class D2SemSegHead(nn.Module):
-    def __init__(self, keywords=False):
-        super().__init__()
-        self.pixel_decoder, self.predictor, self.keywords = D2PixelDecoder(), D2Predictor(), keywords
-
-    def forward(self, features, mask=None):
-        mask_features, _, multi_scale_features = self.pixel_decoder.forward_features(features)
-        if self.keywords:
-            return self.predictor(x=multi_scale_features, mask_features=mask_features, mask=mask)
-        return self.predictor(multi_scale_features, mask_features, mask)
-
-
-class MaskFormer(nn.Module):
-    def __init__(self, keywords=False):
-        super().__init__()
-        self.backbone, self.sem_seg_head = D2Backbone(), D2SemSegHead(keywords)
-
-    def forward(self, x):
-        return self.sem_seg_head(self.backbone(x))
-
-
-MEASURED = r"D2Backbone .*no known lattice; measured"
+MEASURED = r"PatchStemNet .*no known lattice; measured"
 
 
 def stand_in(keywords=False, wrap=None):
     """A fresh stand-in (wrapped by `wrap`) whose tap geometry has been worked out, expecting the UserWarning
     of its measured lattice (later taps of the same model use the cached geometry and do not warn)."""
-    m = MaskFormer(keywords)
+    m = MaskFormer(PatchStemNet(), keywords)
     m = wrap(m) if wrap is not None else m
     with pytest.warns(UserWarning, match=MEASURED):
         tap_meta(m)
@@ -513,7 +406,7 @@ def stand_in(keywords=False, wrap=None):
 
 def test_detectron2_stand_in_lattice_is_measured():
     torch.manual_seed(0)
-    d2 = MaskFormer()
+    d2 = MaskFormer(PatchStemNet())
     with pytest.warns(UserWarning, match=MEASURED) as rec:
         meta = tap_meta(d2)
     msg = str(rec[0].message)
@@ -531,7 +424,7 @@ def test_detectron2_stand_in_lattice_is_measured():
         assert meta[f"attention.layer{i}"].lattice == meta[f"pixel_decoder.ms{i % 3}"].lattice
         assert meta[f"attention.layer{i}"].level == i % 3
     # channels from output_shape() and the pixel decoder's mask_features conv
-    assert {meta[f"backbone.res{i}"].channels for i in range(2, 6)} == {16}
+    assert [meta[f"backbone.res{i}"].channels for i in range(2, 6)] == list(PatchStemNet.WIDTHS)
     assert meta["pixel_decoder.mask_features"].channels == meta["pixel_decoder.ms0"].channels == 16
     with warnings.catch_warnings():
         warnings.simplefilter("error")                            # cached: no second measurement, no warning
@@ -602,12 +495,12 @@ def test_detectron2_keyword_only_attention_per_head_and_grad():
         ref = _reference_attention(mha, seen["kw"])
     assert torch.allclose(a, ref, atol=1e-5)
     a.sum().backward()                                         # the weights the layer discarded carry grad
-    assert d2.backbone.stem.weight.grad.abs().sum() > 0
+    assert d2.backbone.stem[0].weight.grad.abs().sum() > 0
     assert hook_count(d2) == 0
 
 
 def test_detectron2_pixel_decoder_hook_never_fires():
-    d2 = MaskFormer()
+    d2 = MaskFormer(PatchStemNet())
     with Taps(d2, ["sem_seg_head.pixel_decoder"]) as taps:
         d2(torch.randn(2, 1, 64, 64))
     with pytest.raises(RuntimeError, match="sem_seg_head.pixel_decoder"):
