@@ -395,5 +395,6 @@ d = { 'settings': { 'branch': 'main',
                                'mars_nb.views.rotate_labels': ('views.html#rotate_labels', 'mars_nb/views.py'),
                                'mars_nb.views.rotated_crop': ('views.html#rotated_crop', 'mars_nb/views.py'),
                                'mars_nb.views.rotated_crops': ('views.html#rotated_crops', 'mars_nb/views.py'),
+                               'mars_nb.views.shared_region': ('views.html#shared_region', 'mars_nb/views.py'),
                                'mars_nb.views.valid_mask': ('views.html#valid_mask', 'mars_nb/views.py'),
                                'mars_nb.views.warp_back': ('views.html#warp_back', 'mars_nb/views.py')}}}

@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from .views import IGNORE, footprint_radius, rotate, rotate_labels, rotated_crop, rotated_crops, valid_mask
+from .views import (IGNORE, footprint_radius, rotate, rotate_labels, rotated_crop, rotated_crops, shared_region,
+                           valid_mask)
 
 # %% auto #0
 __all__ = ['SPLITS', 'IMAGE_SUFFIXES', 'Region', 'DATASETS', 'DatasetError', 'package_file', 'disc_instances', 'crater_scene',
@@ -253,7 +254,7 @@ class SceneDataset:
             crop = lambda t: torch.stack([t[..., r0:r0 + h, c0:c0 + w] for r0, c0 in corners])
             image = rotate(crop(img), angle, fill=0.0)
             label = rotate_labels(crop(lab), angle).long()
-            valid = valid_mask((h, w), angle).bool().expand(n, h, w).clone()
+            valid = (valid_mask((h, w), angle) & shared_region((h, w))).expand(n, h, w).clone()
             instance = rotate_labels(crop(ins), angle, ignore_index=0).long() if ins is not None else None
         out = {"image": image.masked_fill(~valid[:, None], 0.0), "label": label.masked_fill(~valid, IGNORE), "valid": valid}
         if instance is not None: out["instance"] = instance.masked_fill(~valid, 0)

@@ -110,8 +110,10 @@ def sweep(model, ds, angles=tuple(range(0, 360, 15)), batch_size: int = 16, spli
 
 # %% ../nbs/06_evaluate.ipynb #c012
 def summarize(df: pd.DataFrame, metrics=("fg_iou", "miou", "consistency")) -> dict:
-    "At 0°, mean over angles, worst value and angle, and drop (0° − worst) for each metric of a sweep."
-    out = {}
+    """At 0°, mean over angles, worst value and angle, and drop (0° − worst) for each metric of a sweep, and the
+    mean over angles of every class's IoU (`iou_<class name>_mean`). `fg_iou` is the foreground IoU: the mean IoU of
+    the classes other than class 0 (background) — the crater IoU, the nucleus IoU."""
+    out = {f"{c}_mean": float(df[c].mean()) for c in df.columns if c.startswith("iou_")}
     at0 = df[df["angle"] % 360 == 0]
     for m in metrics:
         worst = df.loc[df[m].idxmin()]

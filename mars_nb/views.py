@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['IGNORE', 'rotate', 'rotate_labels', 'valid_mask', 'footprint_radius', 'rotated_crop', 'rotated_crops', 'Lattice',
-           'crop_extent', 'warp_back', 'align_attention', 'match_queries']
+__all__ = ['IGNORE', 'rotate', 'rotate_labels', 'valid_mask', 'shared_region', 'footprint_radius', 'rotated_crop',
+           'rotated_crops', 'Lattice', 'crop_extent', 'warp_back', 'align_attention', 'match_queries']
 
 # %% ../nbs/01_views.ipynb #c005
 IGNORE: int = 255  # label value for "no ground truth here" (e.g. pixels rotated in from outside)
@@ -164,6 +164,15 @@ def valid_mask(size: tuple[int, int], angle: float, margin: float = 0, device=No
     c = (H / 2, W / 2)
     dev = str(torch.device(device)) if device is not None else "cpu"
     return _inside(a, (H, W), (H, W), c, c, m, dev).clone()
+
+# %% ../nbs/01_views.ipynb #n531f8d7
+def shared_region(size: tuple[int, int], device=None) -> Tensor:
+    "Bool [H, W]: the pixel centres inside the disk inscribed in the canvas, valid at every angle."
+    H, W = _size(size)
+    r = min(H, W) / 2
+    y = torch.arange(H, dtype=torch.float64, device=device) + 0.5 - H / 2
+    x = torch.arange(W, dtype=torch.float64, device=device) + 0.5 - W / 2
+    return (y[:, None] ** 2 + x[None, :] ** 2) <= r * r
 
 # %% ../nbs/01_views.ipynb #c022
 def footprint_radius(size: tuple[int, int]) -> float:

@@ -9,7 +9,7 @@ from scipy import ndimage
 
 from mars_nb.data import (DatasetError, SceneDataset, TileSpec, band_regions, crater_scene, craters, disc_instances,
                           fold_parts, folder, load_dataset, nuclei, split_files, split_summary)
-from mars_nb.views import IGNORE, footprint_radius
+from mars_nb.views import IGNORE, footprint_radius, shared_region
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_nuclei_tile_quarter_turns_are_exact_rot90(nds, k):
     for spec in nds.test_tiles():
         up, rot = nds.tile(spec, 0), nds.tile(spec, 90 * k)
         assert torch.equal(rot["label"], _rot(up["label"], k)) and torch.equal(rot["image"], _rot(up["image"], k))
-        assert rot["valid"].all()
+        assert torch.equal(rot["valid"], up["valid"])          # the inscribed disk at every angle
 
 
 @pytest.mark.parametrize("size", [64, 128])
@@ -288,13 +288,17 @@ def test_crater_folds_put_every_crater_in_one_split_and_in_one_test_fold():
 
 # ---------------------------------------------------------------- nuclei tiles with fill
 
-def test_nuclei_valid_mask_all_true_at_0_not_at_45(nds):
+def test_nuclei_tiles_are_scored_on_one_region_at_every_angle(nds):
+    "Fill-mode tiles: the disk inscribed in the tile, at 0° too — no fill, no lost corner, the same pixels every angle."
     spec = nds.test_tiles()[0]
-    t0, t45 = nds.tile(spec, 0), nds.tile(spec, 45)
-    assert t0["valid"].dtype == torch.bool and t0["valid"].all()
-    assert not t45["valid"].all() and t45["valid"].float().mean() > 0.6
-    assert (t45["label"][~t45["valid"]] == IGNORE).all() and (t45["label"][t45["valid"]] != IGNORE).all()
-    assert not t45["valid"][0, 0] and t45["valid"][64, 64]
+    t0, t45, t30 = nds.tile(spec, 0), nds.tile(spec, 45), nds.tile(spec, 30)
+    disk = shared_region((128, 128))
+    assert t0["valid"].dtype == torch.bool and all(torch.equal(t["valid"], disk) for t in (t0, t45, t30))
+    assert abs(disk.float().mean().item() - math.pi / 4) < 0.01          # a disk, not the square
+    for t in (t0, t45):
+        assert (t["label"][~t["valid"]] == IGNORE).all() and (t["label"][t["valid"]] != IGNORE).all()
+        assert (t["image"][:, ~t["valid"]] == 0).all()
+    assert not t45["valid"][0, 0] and not t0["valid"][0, 0] and t45["valid"][64, 64]
     batch = nds.tiles(nds.test_tiles(), 45)
     assert batch["image"].shape == (4, 1, 128, 128) and batch["valid"].shape == (4, 128, 128)
 
