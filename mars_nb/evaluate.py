@@ -155,10 +155,10 @@ from .views import align_attention, crop_extent, warp_back
 
 @torch.no_grad()
 def aligned_stage_maps(model, upright: torch.Tensor, rotated: torch.Tensor, angle: float,
-                       stages=("backbone", "pixel_decoder", "attention")) -> dict:
+                       stages=("backbone", "pixel_decoder", "attention"), margin: float = 1.0) -> dict:
     """Per tap: `(view1, view2 warped back, valid)` for images `upright` and `rotated` `[B,C,H,W]`
     (`rotated` is `upright` turned by `angle`). Feature taps give `[B,C,h,w]` maps, attention taps
-    `[B,Q,h,w]` rows renormalized on the valid region."""
+    `[B,Q,h,w]` rows renormalized on the valid region, eroded by `margin` cells as in training."""
     was_training = model.training
     model.eval()
     size = tuple(upright.shape[-2:])
@@ -170,9 +170,9 @@ def aligned_stage_maps(model, upright: torch.Tensor, rotated: torch.Tensor, angl
         for name in v1:                     # every tap on its own lattice: the alignment training uses
             m = taps.meta[name]
             if name.startswith("attention."):
-                out[name] = align_attention(v1[name], v2[name], m.hw, angle, size, m.lattice)
+                out[name] = align_attention(v1[name], v2[name], m.hw, angle, size, m.lattice, margin)
             else:
-                back, valid = warp_back(v2[name], angle, size, m.lattice)
+                back, valid = warp_back(v2[name], angle, size, m.lattice, margin)
                 out[name] = (crop_extent(v1[name], size, m.stride), back, valid)
         return out
     finally:
