@@ -17,8 +17,8 @@ import yaml
 from scipy import stats
 
 # %% auto #0
-__all__ = ['CONTROLS', 'SUMMARY_COLUMNS', 'MDE_FACTOR', 'collect', 'config_order', 'mean_ci', 'summary_table', 'to_markdown',
-           'plot_metric_vs_angle', 'plot_summary_bars', 'collect_features', 'plot_feature_consistency',
+__all__ = ['CONTROLS', 'SUMMARY_COLUMNS', 'MDE_FACTOR', 'collect', 'config_order', 'config_colors', 'mean_ci', 'summary_table',
+           'to_markdown', 'plot_metric_vs_angle', 'plot_summary_bars', 'collect_features', 'plot_feature_consistency',
            'plot_training_curves', 'plot_attention_panels', 'mean_fg_iou', 'tile_bootstrap', 'run_confusion',
            'strongest_control', 'compare', 'comparisons', 'paired_differences', 'verdict', 'reading',
            'comparisons_markdown', 'write_readme', 'write_report', 'weight_curves', 'choose_weights',
@@ -47,6 +47,14 @@ def config_order(configs) -> list[str]:
     "The controls first (`none`, `rotaug`, `rotaug-any`, `outcons`), then every other configuration alphabetically."
     names = sorted(set(configs))
     return [c for c in CONTROLS if c in names] + [c for c in names if c not in CONTROLS]
+
+
+def config_colors(configs) -> dict:
+    "One colour per configuration, the same in every figure (tab10, or tab20 beyond ten)."
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    configs = list(dict.fromkeys(configs))
+    palette = plt.cm.tab10.colors if len(configs) <= 10 else plt.cm.tab20.colors
+    return {c: palette[i % len(palette)] for i, c in enumerate(configs)}
 
 
 def mean_ci(x, level: float = 0.95) -> tuple[float, float, int]:
@@ -92,7 +100,7 @@ def plot_metric_vs_angle(sweeps: pd.DataFrame, metric: str = "fg_iou", order: li
     datasets = list(dict.fromkeys(sweeps["dataset"]))
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 3.6), squeeze=False, sharey=True)
     configs = order or list(dict.fromkeys(sweeps["config"]))
-    colors = dict(zip(configs, plt.cm.tab10.colors))
+    colors = config_colors(configs)
     for ax, dataset in zip(axes[0], datasets):
         d = sweeps[sweeps["dataset"] == dataset]
         for config in configs:
@@ -125,7 +133,7 @@ def plot_summary_bars(table: pd.DataFrame, order: list[str] | None = None):
             ci = [r[f"{m}_ci"] for m in metrics]
             err = [c if np.isfinite(c) else 0 for c in ci] if np.isfinite(ci).any() else None   # no bars for one seed
             ax.bar(np.arange(len(metrics)) + (i - (len(configs) - 1) / 2) * width, [r[m] for m in metrics], width,
-                   yerr=err, capsize=2, color=plt.cm.tab10.colors[configs.index(config) % 10], label=config)
+                   yerr=err, capsize=2, color=config_colors(configs)[config], label=config)
         ax.set_xticks(range(len(metrics)), ["IoU at 0°", "mean over angles", "worst angle", "drop (0° − worst)"])
         ax.set(title=dataset, ylabel="foreground IoU"); ax.grid(axis="y", alpha=0.3)
     axes[0][-1].legend(fontsize=7, ncol=2)
@@ -157,7 +165,7 @@ def plot_feature_consistency(features: pd.DataFrame, order: list[str] | None = N
                 g = d[d["config"] == config].groupby(["seed", "angle"])["consistency"].mean().reset_index()
                 if g.empty: continue
                 stat = g.groupby("angle")["consistency"].apply(lambda x: pd.Series(mean_ci(x)[:2], index=["m", "h"])).unstack()
-                c = plt.cm.tab10.colors[configs.index(config) % 10]
+                c = config_colors(configs)[config]
                 ax.plot(stat.index, stat["m"], lw=1.3, color=c, label=config)
                 if stat["h"].notna().any(): ax.fill_between(stat.index, stat["m"] - stat["h"], stat["m"] + stat["h"], color=c, alpha=0.15, lw=0)
             ax.set(title=f"{dataset} · {stage}", xticks=range(0, 361, 90)); ax.grid(alpha=0.3)
@@ -181,7 +189,7 @@ def plot_training_curves(root: str | Path, runs: pd.DataFrame, order: list[str] 
             logs = [l.set_index("step")["train/supervised"] for l in logs if len(l) and "train/supervised" in l]
             if not logs: continue
             curve = pd.concat(logs, axis=1).mean(axis=1).rolling(smooth, min_periods=1).mean()
-            ax.plot(curve.index, curve.values, lw=1.2, color=plt.cm.tab10.colors[configs.index(config) % 10], label=config)
+            ax.plot(curve.index, curve.values, lw=1.2, color=config_colors(configs)[config], label=config)
         ax.set(title=dataset, xlabel="step", ylabel="supervised loss", yscale="log"); ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
