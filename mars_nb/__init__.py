@@ -1,4 +1,4 @@
-"""MARS: multi-view consistency regularization that makes Mask2Former robust to image rotation
+"""Where should MARS (multi-view consistency regularization) hook into Mask2Former for rotation robustness, and does it help?
 
 Modules:
 

@@ -10,6 +10,7 @@ Docs: https://github.com/mars-nb/mars_nb/ablate.html.md"""
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -20,11 +21,15 @@ from pathlib import Path
 
 import yaml
 
-from .train import RUN_PARAMS, ConfigError, FolderLock, config_diff, config_from_params
+
+def _train():
+    "`mars_nb.train`, imported when first needed: torch and Lightning take seconds, and `mars-ablate --help` should not."
+    import mars_nb.train as train  # noqa: PLC0415
+    return train
 
 # %% auto #0
-__all__ = ['GRID_KEYS', 'default_template', 'GridError', 'Run', 'load_grid', 'shard_runs', 'is_done', 'changed_params', 'execute',
-           'run_grid', 'run_parallel', 'main']
+__all__ = ['GRID_KEYS', 'GRID_HELP', 'default_template', 'GridError', 'Run', 'load_grid', 'shard_runs', 'is_done',
+           'changed_params', 'execute', 'run_grid', 'run_parallel', 'main']
 
 # %% ../nbs/07_ablate.ipynb #c005
 GRID_KEYS = ("out", "datasets", "seeds", "shared", "per_dataset", "configs")
@@ -54,6 +59,13 @@ def _key_lines(node, prefix=(), source="grid") -> dict:
     return lines
 
 
+def _named(text: str, name: str) -> io.StringIO:
+    "`text` as a stream called `name`: YAML's error messages then say which file."
+    s = io.StringIO(text)
+    s.name = name
+    return s
+
+
 @dataclass
 class Run:
     "One run of a grid: its name, parameters for `run.ipynb`, and where it writes."
@@ -71,7 +83,8 @@ def load_grid(path: str | Path, out: str | Path | None = None, **overrides) -> l
     path = Path(path)
     try: text = path.read_text()
     except OSError as e: raise GridError(f"cannot read grid file {path}: {e.strerror}") from None
-    try: data, lines = yaml.safe_load(text), _key_lines(yaml.compose(text, Loader=yaml.SafeLoader), source=str(path))
+    stream = lambda: _named(text, str(path))
+    try: data, lines = yaml.safe_load(stream()), _key_lines(yaml.compose(stream(), Loader=yaml.SafeLoader), source=str(path))
     except yaml.YAMLError as e: raise GridError(f"{path} is not valid YAML: {e}") from None
     where = lambda *keys: f"{path}:{lines.get(tuple(keys), 1)}"
     if not isinstance(data, dict): raise GridError(f"{path}:1: a grid is a mapping with keys {list(GRID_KEYS)}")
@@ -98,14 +111,15 @@ def load_grid(path: str | Path, out: str | Path | None = None, **overrides) -> l
                 keys = (src, k) if src == "shared" else ("configs", cname, k) if src == "configs" else (*src, k)
                 if k in ("name", "dataset", "seed", "out_dir"):
                     raise GridError(f"{where(*keys)}: {k!r} is set by the grid itself")
-                if k not in RUN_PARAMS: raise GridError(f"{where(*keys)}: unknown run parameter {k!r}; valid: {list(RUN_PARAMS)}")
+                if k not in _train().RUN_PARAMS:
+                    raise GridError(f"{where(*keys)}: unknown run parameter {k!r}; valid: {list(_train().RUN_PARAMS)}")
         for dataset in datasets:
             for seed in seeds:
                 name = f"{dataset}-{cname}-s{seed}"
                 params = {**shared, **per.get(dataset, {}), **cparams, **{k: v for k, v in overrides.items() if v is not None},
                           "name": name, "dataset": dataset, "seed": seed}
-                try: config_from_params(**params)
-                except ConfigError as e: raise GridError(f"{where('configs', cname)}: config {cname!r}: {e}") from None
+                try: _train().config_from_params(**params)
+                except _train().ConfigError as e: raise GridError(f"{where('configs', cname)}: config {cname!r}: {e}") from None
                 runs.append(Run(name, cname, dataset, seed, params, root / "runs" / name))
     return runs
 
@@ -126,7 +140,7 @@ def changed_params(run: Run) -> dict:
     "Parameters that a finished run's `done.json` records differently from `run.params` (device aside): {key: (then, now)}."
     try: then = json.loads((run.out_dir / "done.json").read_text()).get("params", {})
     except (OSError, ValueError, AttributeError): return {}
-    return config_diff(then, json.loads(json.dumps(run.params, default=str)), free=("device",))
+    return _train().config_diff(then, json.loads(json.dumps(run.params, default=str)), free=("device",))
 
 
 def _write_json(path: Path, obj: dict):
@@ -157,7 +171,7 @@ def run_grid(runs: list[Run], execute=execute, progress: bool = True) -> dict:
                                                f"kept: remove {run.out_dir} to run it again")
             else: summary["skipped"].append(run.name)
             continue
-        lock = FolderLock(run.out_dir / ".lock")
+        lock = _train().FolderLock(run.out_dir / ".lock")
         if not lock.acquire(): summary["skipped"].append(run.name); continue     # another live runner has it
         t0 = time.time()
         try:
@@ -209,6 +223,18 @@ def run_parallel(argv: list[str], runs: list[Run], jobs: int, cores: int | None 
     return {"ran": ran, "skipped": [r.name for r in runs if r.name not in ran and r.name not in failed], "failed": failed}
 
 # %% ../nbs/07_ablate.ipynb #c013
+GRID_HELP = """grid file (YAML; parameters are those of nbs/experiments/run.ipynb):
+  out: reports                      # where runs/<dataset>-<config>-s<seed>/ and the report go
+  datasets: [craters, nuclei]
+  seeds: [0, 1, 2]
+  shared: {steps: 600, preset: tiny}                # every run
+  per_dataset: {craters: {folds: 5}}                # one dataset's runs
+  configs:                                          # one run per config x dataset x seed
+    rotaug: {mode: rotaug}
+    mars-pixel: {mode: mars, mars: {preset: pixel}}
+Finished runs are skipped, interrupted ones resume from their checkpoint."""
+
+
 def _without_jobs(argv: list[str]) -> list[str]:
     "The command line minus `--jobs N` / `--jobs=N` (what each runner started by `--jobs` gets)."
     out, skip = [], False
@@ -222,7 +248,8 @@ def _without_jobs(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     "Console entry point `mars-ablate`."
-    ap = argparse.ArgumentParser(prog="mars-ablate", description="Run a MARS ablation grid and write its report.")
+    ap = argparse.ArgumentParser(prog="mars-ablate", description="Run a MARS ablation grid and write its report.",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=GRID_HELP)
     ap.add_argument("grid", help="grid YAML file")
     ap.add_argument("--out", help="output root (default: the grid's `out`, else reports)")
     ap.add_argument("--dry-run", action="store_true", help="list the runs and exit")
@@ -232,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", help="override the model preset of every run")
     ap.add_argument("--no-report", action="store_true", help="skip writing figures and tables")
     ap.add_argument("--jobs", type=int, default=1,
-                    help="runners on this machine at once, sharing its cores (default 1; 2 on a 2-core CPU is 1.25x faster)")
+                    help="runners on this machine at once, sharing its cores (default 1; `make reports` uses 2: on a "
+                         "2-core CPU two 1-thread runners are 1.25x faster than one)")
     ap.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)   # runners started by --jobs
     ap.add_argument("--summary", help=argparse.SUPPRESS)                      # where such a runner leaves its summary
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -262,5 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  FAILED {r.name}: {s['failed'][r.name]}{see}")
     if not a.no_report and runs:
         from mars_nb.report import write_report  # noqa: PLC0415
-        write_report(runs[0].out_dir.parent.parent)
+        root = runs[0].out_dir.parent.parent
+        write_report(root)
+        print(f"report: {root / 'README.md'} (figures in {root / 'figures'}, every run under {root / 'runs'})")
     return 1 if s["failed"] else 0

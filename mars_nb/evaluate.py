@@ -210,6 +210,9 @@ def pca_rgb(f1: torch.Tensor, f2: torch.Tensor, valid: torch.Tensor) -> tuple[np
     "Two `[C,h,w]` maps → `[h,w,3]` images through the top-3 principal components of `f1` on `valid`."
     x1 = f1.flatten(1).T.float(); x2 = f2.flatten(1).T.float()
     v = valid.flatten()
+    if int(v.sum()) < 2:                               # no valid cell (e.g. a coarse level eroded away): grey
+        grey = np.full((*f1.shape[-2:], 3), 0.5, dtype=np.float32)
+        return grey, grey.copy()
     mu = x1[v].mean(0)
     _, _, vt = torch.linalg.svd(x1[v] - mu, full_matrices=False)
     p1, p2 = (x1 - mu) @ vt[:3].T, (x2 - mu) @ vt[:3].T

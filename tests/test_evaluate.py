@@ -200,3 +200,13 @@ def test_sweep_per_tile_on_craters_matches_the_summary():
     df, conf = sweep(build_model("tiny").eval(), ds, [0, 30], batch_size=16, tile_size=128, progress=False, per_tile=True)
     assert conf.shape == (2, len(ds.test_tiles("test", 128)), 2, 2)
     assert np.allclose(mean_fg_iou(conf.sum(1)), df["fg_iou"].mean(), equal_nan=True)
+
+
+def test_stage_map_colours_without_valid_cells_are_grey():
+    "A coarse level whose valid region the margin erodes away is drawn grey, not a crash (it was: quantile of nothing)."
+    from mars_nb.evaluate import pca_rgb
+    f = torch.randn(8, 2, 2)
+    a, b = pca_rgb(f, f, torch.zeros(2, 2, dtype=torch.bool))
+    assert a.shape == b.shape == (2, 2, 3) and (a == 0.5).all() and (b == 0.5).all()
+    a, _ = pca_rgb(torch.randn(8, 4, 4), torch.randn(8, 4, 4), torch.ones(4, 4, dtype=torch.bool))
+    assert a.shape == (4, 4, 3) and a.std() > 0
