@@ -51,8 +51,11 @@ readme: $(STAMP)
 print-readme:
 	@$(VENV)/bin/jupyter nbconvert --to markdown --stdout nbs/index.ipynb 2>/dev/null | sed 's#](\.\./#](#g'
 
+# JupyterLab on the notebooks: PORT=8888 by default, no browser opened (open the printed URL); as root it needs
+# --allow-root, which is added only then.
+PORT ?= 8888
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab nbs/
+	$(VENV)/bin/jupyter lab nbs/ --no-browser --port $(PORT) $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 # Speed and memory of MARS against the rotation-augmentation control, measured side by side in one run
 # (bench/bench_mars.py says how): prints a table, writes reports/bench.json (tiny) and

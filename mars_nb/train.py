@@ -38,7 +38,7 @@ __all__ = ['MODES', 'STRIDE', 'RESUME_FREE', 'RUN_PARAMS', 'ConfigError', 'from_
            'ViewPairData', 'dataset_for', 'mars_loss_for', 'MarsModule', 'warmup_poly', 'NonFiniteLoss', 'check_finite',
            'check_weights_finite', 'resolve_device', 'make_trainer', 'RunLocked', 'FolderLock', 'SafeCheckpointIO',
            'read_checkpoint', 'config_diff', 'check_resumable', 'preflight', 'save_weights', 'fit', 'load_trained',
-           'read_log', 'config_from_params']
+           'read_log', 'run_name', 'config_from_params']
 
 # %% ../nbs/05_train.ipynb #c005
 class ConfigError(ValueError):
@@ -699,11 +699,20 @@ RUN_PARAMS = ("name", "dataset", "root", "folds", "mode", "preset", "pretrained"
               "batch_size", "lr", "train_angles", "view1_angles", "eval_angles", "eval_split", "seed", "device",
               "devices", "mars")
 
+def run_name(params: dict) -> str:
+    "The name a run gets when none is given: `<dataset>-<mode>[-any]` or `<dataset>-mars-<preset>`, then `-s<seed>`."
+    mode, mars = params.get("mode", TrainConfig.mode), params.get("mars")
+    preset = mars if isinstance(mars, str) else (mars or {}).get("preset", "custom" if mars else "hybrid")
+    what = f"mars-{preset}" if mode == "mars" else f"{mode}-any" if params.get("view1_angles") else mode
+    return f"{params.get('dataset', DataConfig.dataset)}-{what}-s{params.get('seed', TrainConfig.seed)}"
+
+
 def config_from_params(**params) -> RunConfig:
-    "A `RunConfig` from the flat parameters of `experiments/run.ipynb` (see `RUN_PARAMS`)."
+    "A `RunConfig` from the flat parameters of `experiments/run.ipynb` (see `RUN_PARAMS`); no name: `run_name`."
     unknown = sorted(set(params) - set(RUN_PARAMS))
     if unknown: raise ConfigError(f"unknown run parameter(s) {unknown}; valid parameters are {list(RUN_PARAMS)}")
     p = {k: v for k, v in params.items() if v is not None}
+    p.setdefault("name", run_name(p))
     policy = lambda a: a if a is None or isinstance(a, dict) else {"kind": "discrete", "values": a}
     angles, angles1, mars = policy(p.get("train_angles")), policy(p.get("view1_angles")), p.get("mars")
     if isinstance(mars, str): mars = {"preset": mars}          # mars="hybrid" is short for {"preset": "hybrid"}
