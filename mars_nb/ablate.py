@@ -109,15 +109,16 @@ def load_grid(path: str | Path, out: str | Path | None = None, **overrides) -> l
         for src, params in (("shared", shared), ("configs", cparams), *((("per_dataset", d), p) for d, p in per.items())):
             for k in params:
                 keys = (src, k) if src == "shared" else ("configs", cname, k) if src == "configs" else (*src, k)
-                if k in ("name", "dataset", "seed", "out_dir"):
-                    raise GridError(f"{where(*keys)}: {k!r} is set by the grid itself")
+                if k in ("name", "dataset", "seed", "out_dir") and not (k == "dataset" and src != "shared" and src != "configs"):
+                    hint = " (per_dataset may say which dataset a grid name stands for)" if k == "dataset" else ""
+                    raise GridError(f"{where(*keys)}: {k!r} is set by the grid itself{hint}")
                 if k not in _train().RUN_PARAMS:
                     raise GridError(f"{where(*keys)}: unknown run parameter {k!r}; valid: {list(_train().RUN_PARAMS)}")
         for dataset in datasets:
             for seed in seeds:
                 name = f"{dataset}-{cname}-s{seed}"
                 params = {**shared, **per.get(dataset, {}), **cparams, **{k: v for k, v in overrides.items() if v is not None},
-                          "name": name, "dataset": dataset, "seed": seed}
+                          "name": name, "dataset": per.get(dataset, {}).get("dataset", dataset), "seed": seed}
                 try: _train().config_from_params(**params)
                 except _train().ConfigError as e: raise GridError(f"{where('configs', cname)}: config {cname!r}: {e}") from None
                 runs.append(Run(name, cname, dataset, seed, params, root / "runs" / name))

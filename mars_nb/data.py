@@ -10,13 +10,16 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
+import re
+import warnings
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
 import tifffile
 import torch
+import yaml
 from PIL import Image
 from scipy import ndimage
 
@@ -24,9 +27,9 @@ from .views import (IGNORE, footprint_radius, rotate, rotate_labels, rotated_cro
                            valid_mask)
 
 # %% auto #0
-__all__ = ['SPLITS', 'IMAGE_SUFFIXES', 'Region', 'DATASETS', 'DatasetError', 'package_file', 'disc_instances', 'crater_scene',
-           'band_regions', 'point_split', 'TileSpec', 'SceneDataset', 'split_summary', 'fold_parts', 'craters',
-           'nuclei', 'split_files', 'folder', 'load_dataset']
+__all__ = ['SPLITS', 'IMAGE_SUFFIXES', 'Region', 'MAX_BANDS', 'DATASETS', 'DatasetError', 'package_file', 'disc_instances',
+           'crater_scene', 'band_regions', 'point_split', 'TileSpec', 'SceneDataset', 'split_summary', 'fold_parts',
+           'craters', 'nuclei', 'split_files', 'read_split_file', 'folder', 'load_dataset']
 
 # %% ../nbs/00_data.ipynb #c005
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -378,28 +381,37 @@ def nuclei(tile_size: int = 128, fractions: Sequence[float] = (0.5, 0.25, 0.25),
                         objects=objects, object_name="nuclei", stats=stats)
 
 # %% ../nbs/00_data.ipynb #c043
-def _read_image(path: Path, rel: str) -> np.ndarray:
-    "Image file -> float32 `[C, H, W]` (C = 1 or 3), raw intensities."
+MAX_BANDS = 64
+"The most image channels (bands) a folder image may have: multispectral yes, a volume read as bands no."
+
+
+def _read_image(path: Path, rel: str) -> tuple[np.ndarray, str]:
+    """Image file -> (float32 `[C, H, W]` of raw intensities, its sample type): grey and RGB PNG/JPG, and TIFF
+    with any number of bands (`[H, W]`, `[H, W, C]` or `[C, H, W]`, the smallest axis taken as the bands)."""
     try:
         if path.suffix.lower() in (".tif", ".tiff"): a = np.asarray(tifffile.imread(path))
         else:
             with Image.open(path) as im:
                 im.load()
-                if im.mode in ("P", "RGBA", "CMYK", "YCbCr", "LAB", "HSV"): im = im.convert("RGB")
-                elif im.mode in ("LA", "1"): im = im.convert("L")
+                if im.mode in ("RGBA", "LA", "PA"):
+                    raise DatasetError(f"image {rel} has an alpha channel ({im.mode}): transparency is not a band. "
+                                       "Save it without alpha, or as a TIFF if the fourth channel is data")
+                if im.mode in ("P", "CMYK", "YCbCr", "LAB", "HSV"): im = im.convert("RGB")
+                elif im.mode == "1": im = im.convert("L")
                 a = np.asarray(im)
+    except DatasetError: raise
     except Exception as e:
         raise DatasetError(f"cannot read image {rel}: {type(e).__name__}: {e}") from e
-    if a.ndim == 3 and a.shape[-1] in (3, 4) and a.shape[0] > 4: a = a[..., :3].transpose(2, 0, 1)
-    elif a.ndim == 3 and a.shape[0] == 4: a = a[:3]
-    elif a.ndim == 2: a = a[None]
-    if a.ndim != 3 or a.shape[0] not in (1, 3):
-        raise DatasetError(f"image {rel} has shape {a.shape}; expected a grey [H, W] or RGB [H, W, 3] image")
-    return a.astype(np.float32)
+    if a.ndim == 2: a = a[None]
+    elif a.ndim == 3 and int(np.argmin(a.shape)) == 2: a = a.transpose(2, 0, 1)      # [H, W, C] -> [C, H, W]
+    if a.ndim != 3 or not 1 <= a.shape[0] <= MAX_BANDS:
+        raise DatasetError(f"image {rel} has shape {a.shape}; expected [H, W], [H, W, C] or [C, H, W] with 1..{MAX_BANDS} "
+                           "channels (bands)")
+    return a.astype(np.float32), str(a.dtype)
 
 
-def _read_mask(path: Path, rel: str) -> np.ndarray:
-    "Index or palette PNG -> int64 `[H, W]` of label values."
+def _read_mask(path: Path, rel: str, label_map: Mapping[int, int] | None = None) -> np.ndarray:
+    "Index or palette PNG -> int64 `[H, W]` of label values (values in `label_map` replaced first)."
     try:
         with Image.open(path) as im:
             im.load()
@@ -410,29 +422,124 @@ def _read_mask(path: Path, rel: str) -> np.ndarray:
     if a.ndim != 2:
         raise DatasetError(f"mask {rel} is a {mode} image with shape {a.shape}; expected a single-channel index "
                            f"or palette PNG whose pixel values are class indices ({IGNORE} = ignore)")
-    return a.astype(np.int64)
+    a = a.astype(np.int64)
+    if label_map:
+        out = a.copy()
+        for src, dst in label_map.items(): out[a == int(src)] = int(dst)
+        a = out
+    return a
 
 
+def _same_format(files: list[str], values: list, what: str) -> None:
+    "All files agree on one property (channels, sample type): else an error naming the first that differs."
+    common = max(set(values), key=values.count)
+    odd = [(f, v) for f, v in zip(files, values) if v != common]
+    if odd:
+        more = f" (and {len(odd) - 1} more)" if len(odd) > 1 else ""
+        raise DatasetError(f"images differ in {what}: {odd[0][0]} has {odd[0][1]}{more}, {values.count(common)} of "
+                           f"{len(values)} have {common}. One dataset, one format: convert the odd ones (the normalization "
+                           "statistics are per channel and assume one range of values)")
+
+# %% ../nbs/00_data.ipynb #nb79fd50
 def split_files(names: Sequence[str], fractions: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0,
-                order: Sequence[str] = SPLITS) -> dict[str, list[str]]:
-    "Deterministic split of file names: sorted, permuted by `seed`, cut by `fractions` (>= 1 file per nonzero share)."
+                order: Sequence[str] = SPLITS, group: str | None = None) -> dict[str, list[str]]:
+    """Deterministic split of file names: sorted, permuted by `seed`, cut by `fractions` (>= 1 per nonzero share).
+    With `group` (a regular expression), files whose names give the same match (its first group, if it has one)
+    are one unit that stays in one split — tiles or slices of one scene never straddle train and test."""
     f = np.asarray(fractions, dtype=np.float64)
     if len(f) != len(order) or (f < 0).any() or f[0] <= 0:
         raise ValueError(f"fractions {tuple(fractions)} must give one non-negative share per split {tuple(order)}, the first > 0")
     names = sorted(names)
-    n = len(names)
+    units = {n: n for n in names}
+    if group is not None:
+        try: rx = re.compile(group)
+        except re.error as e: raise ValueError(f"group {group!r} is not a regular expression: {e}") from None
+        for n in names:
+            m = rx.search(n)
+            if m is None:
+                raise DatasetError(f"group {group!r} matches nothing in the file name {n!r}: every file needs a group "
+                                   f"(e.g. group='^(scene\\d+)_' for scene7_tile3)")
+            units[n] = m.group(1) if m.groups() else m.group(0)
+    keys = sorted(set(units.values()))
+    n = len(keys)
     counts = [max(1, round(n * x / f.sum())) if x > 0 else 0 for x in f[1:]]
     if n - sum(counts) < 1:
-        raise DatasetError(f"{n} image(s) cannot be split into {tuple(order)} with fractions {tuple(fractions)}: "
-                           f"need at least {sum(counts) + 1} images")
-    perm = [names[i] for i in np.random.default_rng(seed).permutation(n)]
+        what = "group(s)" if group is not None else "image(s)"
+        raise DatasetError(f"{n} {what} cannot be split into {tuple(order)} with fractions {tuple(fractions)}: "
+                           f"need at least {sum(counts) + 1}")
+    perm = [keys[i] for i in np.random.default_rng(seed).permutation(n)]
     cuts = np.cumsum([n - sum(counts), *counts])
-    return {s: sorted(perm[(cuts[i - 1] if i else 0):cuts[i]]) for i, s in enumerate(order)}
+    of = {k: s for i, s in enumerate(order) for k in perm[(cuts[i - 1] if i else 0):cuts[i]]}
+    return {s: sorted(x for x in names if of[units[x]] == s) for s in order}
+
+
+def read_split_file(path: str | Path, names: Sequence[str]) -> dict[str, list[str]]:
+    "A fixed split from a YAML or JSON file `{train: [stems], val: [...], test: [...]}`, checked against `names`."
+    path = Path(path)
+    try: data = yaml.safe_load(path.read_text())
+    except OSError as e: raise DatasetError(f"cannot read split file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e: raise DatasetError(f"split file {path} is not valid YAML/JSON: {e}") from None
+    if not isinstance(data, dict) or set(data) - set(SPLITS) or "train" not in data:
+        raise DatasetError(f"split file {path} must map {list(SPLITS)} (train required) to lists of file stems, got "
+                           f"{sorted(data) if isinstance(data, dict) else type(data).__name__}")
+    out = {s: [str(x) for x in (data.get(s) or [])] for s in SPLITS}
+    listed = [x for v in out.values() for x in v]
+    twice = sorted({x for x in listed if listed.count(x) > 1})
+    unknown, missing = sorted(set(listed) - set(names)), sorted(set(names) - set(listed))
+    if twice or unknown or missing:
+        raise DatasetError(f"split file {path}: " + "; ".join(m for m in (
+            f"in two splits: {twice[:5]}" if twice else "", f"not in images/: {unknown[:5]}" if unknown else "",
+            f"in no split: {missing[:5]} ({len(missing)} files)" if missing else "") if m))
+    return out
+
+# %% ../nbs/00_data.ipynb #nc623fd2
+def _check_classes(labels: list[np.ndarray], rels: list[str], class_names: Sequence[str] | None,
+                   num_classes: int | None) -> list[str]:
+    "The class names: declared (every other value is an error naming its file) or inferred (rare values are said)."
+    values = [set(np.unique(l).tolist()) - {IGNORE} for l in labels]
+    if class_names is None:
+        found = sorted(set().union(*values))
+        if num_classes is None: num_classes = max(2, (found[-1] + 1) if found else 2)
+        rare = [v for v in found if sum(v in s for s in values) <= max(1, len(labels) // 20)]
+        if rare and len(labels) >= 5:
+            where = {v: [r for r, s in zip(rels, values) if v in s][:3] for v in rare}
+            warnings.warn(f"classes inferred from the mask values {found}; value(s) {rare} occur in very few masks "
+                          f"({where}). If they are mistakes, declare class_names: a value outside them is then an "
+                          "error naming the file", stacklevel=3)
+        class_names = ["background"] + [f"class{i}" for i in range(1, num_classes)]
+    elif num_classes is not None and num_classes != len(class_names):
+        raise ValueError(f"num_classes={num_classes} disagrees with {len(class_names)} class_names {list(class_names)}")
+    K = len(class_names)
+    if not 2 <= K <= IGNORE: raise ValueError(f"need between 2 and {IGNORE} classes, got {K}")
+    for rel, s in zip(rels, values):
+        bad = sorted(v for v in s if not 0 <= v < K)
+        if bad:
+            raise DatasetError(f"mask {rel} has label value(s) {bad[:10]} out of range: valid values are 0..{K - 1} "
+                               f"(classes {list(class_names)}) and {IGNORE} (ignore)")
+    return list(class_names)
+
+
+def _check_foreground(labels: list[np.ndarray], rels: list[str], train: list[int], class_names: list[str]) -> None:
+    "Refuse what would train on background alone: 0/255 masks (255 = ignore here), a class absent from train."
+    only = [r for r, l in zip(rels, labels) if set(np.unique(l).tolist()) <= {0, IGNORE} and (l == IGNORE).any()]
+    if only and len(only) == len(labels):
+        raise DatasetError(f"every mask holds only 0 and {IGNORE} (e.g. {only[0]}): {IGNORE} means 'ignore' here, so no "
+                           f"foreground is left. If {IGNORE} marks your objects, map it: label_map={{{IGNORE}: 1}}")
+    counts = np.zeros(len(class_names), np.int64)
+    for i in train:
+        counts += np.bincount(labels[i][labels[i] != IGNORE].ravel(), minlength=len(class_names))[: len(class_names)]
+    missing = [c for c, n in zip(class_names, counts) if n == 0]
+    if missing:
+        raise DatasetError(f"class(es) {missing} have no pixel in the train split ({len(train)} files): they cannot be "
+                           "learned. Check the masks (a value mapping, label_map?), the class list, or the split")
 
 
 def folder(root, class_names: Sequence[str] | None = None, num_classes: int | None = None, tile_size: int = 128,
-           fractions: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0) -> SceneDataset:
-    "A folder `root/images/*` + `root/masks/*.png` (same stems), one scene per file, split by file."
+           fractions: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0, group: str | None = None,
+           split_file: str | Path | None = None, label_map: Mapping[int, int] | None = None) -> SceneDataset:
+    """A folder `root/images/*` + `root/masks/*.png` (same stems), one scene per file. Split by file (`seed`,
+    `fractions`), by groups of files (`group`, a regular expression on the names) or by a `split_file`;
+    `class_names` declares the classes (any other mask value is an error), `label_map` rewrites mask values."""
     root = Path(root)
     idir, mdir = root / "images", root / "masks"
     for d in (idir, mdir):
@@ -449,32 +556,23 @@ def folder(root, class_names: Sequence[str] | None = None, num_classes: int | No
         if p.stem not in masks: raise DatasetError(f"image images/{p.name} has no mask: expected masks/{p.stem}.png")
     for stem, m in masks.items():
         if stem not in stems: raise DatasetError(f"mask masks/{m.name} has no image: expected images/{stem} with one of {IMAGE_SUFFIXES}")
-    arrays, labels = [], []
-    for p in imgs:
-        a, lab = _read_image(p, f"images/{p.name}"), _read_mask(masks[p.stem], f"masks/{p.stem}.png")
+    rels = [f"images/{p.name}" for p in imgs]
+    arrays, kinds, labels = [], [], []
+    for p, rel in zip(imgs, rels):
+        (a, kind), lab = _read_image(p, rel), _read_mask(masks[p.stem], f"masks/{p.stem}.png", label_map)
         if a.shape[1:] != lab.shape:
-            raise DatasetError(f"size mismatch: images/{p.name} is {a.shape[1]}x{a.shape[2]} (HxW) but "
+            raise DatasetError(f"size mismatch: {rel} is {a.shape[1]}x{a.shape[2]} (HxW) but "
                                f"masks/{p.stem}.png is {lab.shape[0]}x{lab.shape[1]}")
-        arrays.append(a); labels.append(lab)
-    if class_names is None:
-        if num_classes is None: num_classes = max(2, max(int(l[l != IGNORE].max(initial=0)) for l in labels) + 1)
-        class_names = ["background"] + [f"class{i}" for i in range(1, num_classes)]
-    elif num_classes is not None and num_classes != len(class_names):
-        raise ValueError(f"num_classes={num_classes} disagrees with {len(class_names)} class_names {list(class_names)}")
-    K = len(class_names)
-    if not 2 <= K <= IGNORE: raise ValueError(f"need between 2 and {IGNORE} classes, got {K}")
-    for p, lab in zip(imgs, labels):
-        vals = np.unique(lab)
-        bad = vals[(vals >= K) & (vals != IGNORE) | (vals < 0)]
-        if len(bad):
-            raise DatasetError(f"mask masks/{p.stem}.png has label value(s) {bad[:10].tolist()} out of range: valid "
-                               f"values are 0..{K - 1} (classes {list(class_names)}) and {IGNORE} (ignore)")
-    C = max(a.shape[0] for a in arrays)
-    arrays = [np.repeat(a, C, 0) if a.shape[0] != C else a for a in arrays]
-    by_split = split_files(stems, fractions, seed)
+        arrays.append(a); kinds.append(kind); labels.append(lab)
+    _same_format(rels, [a.shape[0] for a in arrays], "channels")
+    _same_format(rels, kinds, "sample type (bit depth)")
+    class_names = _check_classes(labels, [f"masks/{s}.png" for s in stems], class_names, num_classes)
+    by_split = read_split_file(split_file, stems) if split_file is not None else split_files(stems, fractions, seed, group=group)
     index = {s: i for i, s in enumerate(stems)}
+    _check_foreground(labels, [f"masks/{s}.png" for s in stems], [index[n] for n in by_split["train"]], class_names)
     parts = {s: [(index[n], (0, arrays[index[n]].shape[1], 0, arrays[index[n]].shape[2])) for n in names]
              for s, names in by_split.items()}
+    C = arrays[0].shape[0]
     train = np.concatenate([arrays[i].reshape(C, -1) for i, _ in parts["train"]], 1)
     mean, std = train.mean(1, dtype=np.float64), train.std(1, dtype=np.float64)
     std = np.where(std > 0, std, 1.0)
@@ -489,7 +587,7 @@ def folder(root, class_names: Sequence[str] | None = None, num_classes: int | No
     split_of = {index[n]: s for s, names in by_split.items() for n in names}
     objects["split"] = [split_of[int(i)] for i in objects.scene]
     return SceneDataset(root.name, class_names, images, [torch.from_numpy(l) for l in labels], parts,
-                        scene_names=[f"images/{p.name}" for p in imgs], tile_size=tile_size, tile_mode="fill",
+                        scene_names=rels, tile_size=tile_size, tile_mode="fill",
                         objects=objects, object_name="objects", stats={"mean": mean.tolist(), "std": std.tolist()})
 
 # %% ../nbs/00_data.ipynb #c047

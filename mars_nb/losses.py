@@ -1,6 +1,6 @@
-r"""How far apart are two views once they are aligned? Feature, attention and output distances, the
+"""How far apart are two views once they are aligned? Feature, attention and output distances, the
 MARs paper's pooled formulation, and `MarsLoss`, which weighs them per stage:
-$\mathcal{L}_\text{MARS} = \sum_s w_s \cdot \operatorname{mean}_{t \in s}\, d_s\big(\text{align}(v_1[t]), \text{align}(v_2[t])\big)$.
+L = Σ_s w_s · mean over the stage's taps t of d_s(align(v1[t]), align(v2[t])).
 
 Docs: https://github.com/mars-nb/mars_nb/losses.html.md"""
 

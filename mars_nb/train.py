@@ -33,12 +33,12 @@ try: import fcntl
 except ImportError: fcntl = None     # Windows: locks fall back to exclusive file creation
 
 # %% auto #0
-__all__ = ['MODES', 'STRIDE', 'RESUME_FREE', 'RUN_PARAMS', 'ConfigError', 'from_dict', 'YamlConfig', 'AnglePolicy', 'DataConfig',
-           'ModelConfig', 'TrainConfig', 'EvalConfig', 'RunConfig', 'ViewPairs', 'StepSampler', 'collate_pairs',
-           'ViewPairData', 'dataset_for', 'mars_loss_for', 'MarsModule', 'warmup_poly', 'NonFiniteLoss', 'check_finite',
-           'check_weights_finite', 'resolve_device', 'make_trainer', 'RunLocked', 'FolderLock', 'SafeCheckpointIO',
-           'read_checkpoint', 'config_diff', 'check_resumable', 'preflight', 'save_weights', 'fit', 'load_trained',
-           'read_log', 'run_name', 'config_from_params']
+__all__ = ['MODES', 'STRIDE', 'FOLDER_KEYS', 'RESUME_FREE', 'RUN_PARAMS', 'ConfigError', 'from_dict', 'YamlConfig', 'AnglePolicy',
+           'DataConfig', 'ModelConfig', 'TrainConfig', 'EvalConfig', 'RunConfig', 'ViewPairs', 'StepSampler',
+           'collate_pairs', 'ViewPairData', 'dataset_for', 'mars_loss_for', 'MarsModule', 'warmup_poly',
+           'NonFiniteLoss', 'check_finite', 'check_weights_finite', 'resolve_device', 'make_trainer', 'RunLocked',
+           'FolderLock', 'SafeCheckpointIO', 'read_checkpoint', 'config_diff', 'check_resumable', 'preflight',
+           'save_weights', 'fit', 'load_trained', 'read_log', 'run_name', 'config_from_params']
 
 # %% ../nbs/05_train.ipynb #c005
 class ConfigError(ValueError):
@@ -172,6 +172,10 @@ def _finite(x: float) -> bool: return math.isfinite(x)
 _KINDS = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}   # override types a preset value admits
 
 
+FOLDER_KEYS = ("class_names", "group", "split_file", "label_map")
+"Data settings only folder datasets read."
+
+
 @dataclass
 class DataConfig(YamlConfig):
     "Which dataset, and the training crops drawn from it."
@@ -180,13 +184,19 @@ class DataConfig(YamlConfig):
     crop: int = 128                   # training crop and test tile size (pixels, multiple of 32)
     batch_size: int = 8               # images per view per step
     folds: int | None = None          # spatial cross-validation in this many bands; the run's seed picks the fold
+    class_names: list[str] | None = None     # folder: the classes (mask value i = class i); None: inferred
+    group: str | None = None          # folder: a regular expression on file names; one group stays in one split
+    split_file: str | None = None     # folder: a fixed split, YAML/JSON {train: [stems], val: [...], test: [...]}
+    label_map: dict[int, int] | None = None   # folder: mask values rewritten on loading, e.g. {255: 1}
 
     def __post_init__(self):
         _need(self.dataset in DATASETS, f"dataset {self.dataset!r} is not one of {list(DATASETS)}")
         _need(self.dataset != "folder" or bool(self.root),
               "dataset 'folder' needs root=<a folder with images/ and masks/>")
-        _need(self.dataset == "folder" or self.root is None,
-              f"root={self.root!r} is only read for dataset 'folder', not {self.dataset!r}")
+        for k in ("root", *FOLDER_KEYS):
+            _need(self.dataset == "folder" or getattr(self, k) is None,
+                  f"{k}={getattr(self, k)!r} is only read for dataset 'folder', not {self.dataset!r}")
+        _need(self.group is None or self.split_file is None, "give group or split_file, not both: a split file fixes every file")
         lo = max(STRIDE, self.crop // STRIDE * STRIDE)
         _need(self.crop >= STRIDE and self.crop % STRIDE == 0,
               f"crop {self.crop} must be a positive multiple of {STRIDE} (Mask2Former's coarsest stride), e.g. {lo} or {lo + STRIDE}")
@@ -346,7 +356,8 @@ class ViewPairData(L.LightningDataModule):
 
 def dataset_for(cfg: RunConfig):
     "The dataset a run trains and evaluates on (with `folds`: fold `seed % folds` of the spatial cross-validation)."
-    kw = {"root": cfg.data.root} if cfg.data.dataset == "folder" else {}
+    d = cfg.data
+    kw = {"root": d.root, **{k: getattr(d, k) for k in FOLDER_KEYS if getattr(d, k) is not None}} if d.dataset == "folder" else {}
     if cfg.data.folds: kw.update(folds=cfg.data.folds, fold=cfg.train.seed % cfg.data.folds)
     return load_dataset(cfg.data.dataset, **kw)
 
@@ -695,9 +706,9 @@ def read_log(run_dir: str | Path):
     return df.groupby("step").last().reset_index()
 
 # %% ../nbs/05_train.ipynb #c032
-RUN_PARAMS = ("name", "dataset", "root", "folds", "mode", "preset", "pretrained", "overrides", "steps", "crop",
-              "batch_size", "lr", "train_angles", "view1_angles", "eval_angles", "eval_split", "seed", "device",
-              "devices", "mars")
+RUN_PARAMS = ("name", "dataset", "root", "folds", "class_names", "group", "split_file", "label_map", "mode", "preset",
+              "pretrained", "overrides", "steps", "crop", "batch_size", "lr", "train_angles", "view1_angles",
+              "eval_angles", "eval_split", "seed", "device", "devices", "mars")
 
 def run_name(params: dict) -> str:
     "The name a run gets when none is given: `<dataset>-<mode>[-any]` or `<dataset>-mars-<preset>`, then `-s<seed>`."
@@ -718,13 +729,13 @@ def config_from_params(**params) -> RunConfig:
     if isinstance(mars, str): mars = {"preset": mars}          # mars="hybrid" is short for {"preset": "hybrid"}
     tree = {
         "name": p.get("name"),
-        "data": {k: p[k] for k in ("dataset", "root", "folds", "crop", "batch_size") if k in p},
+        "data": {k: p[k] for k in ("dataset", "root", "folds", *FOLDER_KEYS, "crop", "batch_size") if k in p},
         "model": {"preset": p.get("preset"), "pretrained": p.get("pretrained"), "overrides": p.get("overrides")},
         "train": {**{k: p[k] for k in ("mode", "steps", "lr", "seed", "device", "devices") if k in p}, "angles": angles,
                   "view1_angles": angles1},
         "mars": mars,
         "eval": {"angles": p.get("eval_angles"), "split": p.get("eval_split")},
     }
-    prune = lambda d: {k: prune(v) if isinstance(v, dict) and k not in ("mars", "overrides") else v
+    prune = lambda d: {k: prune(v) if isinstance(v, dict) and k not in ("mars", "overrides", "label_map") else v
                        for k, v in d.items() if v is not None}
     return RunConfig.from_dict(prune(tree))

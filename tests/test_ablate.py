@@ -57,6 +57,30 @@ def test_per_dataset_merges_into_that_datasets_runs_only(tmp_path):
     assert c.data.folds == 5 and dataset_for(c).parts["test"] == [(0, (340, 680, 0, 1700))]   # seed 1: fold 1
 
 
+def test_a_grid_names_its_datasets_and_holds_several_folders(tmp_path):
+    "One folder per grid, every run named folder-...: a grid's dataset names now stand for any dataset."
+    import numpy as np
+    from PIL import Image
+    for name in ("cells", "leaves"):
+        (tmp_path / name / "images").mkdir(parents=True); (tmp_path / name / "masks").mkdir()
+        for i in range(4):
+            m = np.zeros((200, 200), np.uint8); m[40:90, 60:140] = 1
+            Image.fromarray(m * 100).save(tmp_path / name / "images" / f"x{i}.png")
+            Image.fromarray(m).save(tmp_path / name / "masks" / f"x{i}.png")
+    p = tmp_path / "g.yaml"
+    p.write_text(f"datasets: [craters, cells, leaves]\nshared: {{steps: 2}}\nper_dataset:\n"
+                 f"  cells: {{dataset: folder, root: {tmp_path / 'cells'}, class_names: [background, cell]}}\n"
+                 f"  leaves: {{dataset: folder, root: {tmp_path / 'leaves'}}}\nconfigs:\n  none: {{mode: none}}\n")
+    runs = {r.name: r for r in load_grid(p, out=tmp_path / "out")}
+    assert sorted(runs) == ["cells-none-s0", "craters-none-s0", "leaves-none-s0"]
+    assert runs["cells-none-s0"].params["dataset"] == "folder" and runs["cells-none-s0"].dataset == "cells"
+    assert runs["leaves-none-s0"].params["root"] == str(tmp_path / "leaves")
+    assert runs["craters-none-s0"].params["dataset"] == "craters"
+    p.write_text("shared: {dataset: folder}\nconfigs:\n  none: {mode: none}\n")
+    with pytest.raises(GridError, match="'dataset' is set by the grid itself"):
+        load_grid(p)
+
+
 @pytest.mark.parametrize("text, needle", [
     ("configs:\n  a: {mode: none}\nepochs: 3\n", ":3: unknown key 'epochs'"),
     ("configs:\n  a: {mode: none, stepz: 3}\n", ":2: unknown run parameter 'stepz'"),

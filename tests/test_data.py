@@ -3,6 +3,7 @@ import math
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 from PIL import Image
 from scipy import ndimage
@@ -332,11 +333,12 @@ def test_folder_loads_and_splits_by_file(tmp_path):
 
 def test_folder_palette_mask_gives_indices(tmp_path):
     root = _make_folder(tmp_path / "d", n=3)
-    m = Image.fromarray(np.array([[0, 2] * 24] * 48, np.uint8), mode="P")
-    m.putpalette([0, 0, 0, 200, 10, 10, 10, 200, 10] + [0] * (3 * 253))
-    m.save(root / "masks" / "s1.png")
+    for i in range(3):
+        m = Image.fromarray(np.array([[0, 1, 2] * 16] * 48, np.uint8), mode="P")
+        m.putpalette([0, 0, 0, 200, 10, 10, 10, 200, 10] + [0] * (3 * 253))
+        m.save(root / "masks" / f"s{i}.png")
     ds = folder(root, class_names=["bg", "a", "b"])
-    assert set(torch.unique(ds.labels[1]).tolist()) == {0, 2}
+    assert set(torch.unique(ds.labels[1]).tolist()) == {0, 1, 2}
 
 
 def test_folder_missing_pair(tmp_path):
@@ -409,10 +411,115 @@ def test_folder_too_small_for_rotated_crop(tmp_path):
 
 def test_folder_rgb_and_jpg_images(tmp_path):
     root = _make_folder(tmp_path / "d", n=3)
-    Image.fromarray(np.zeros((48, 48, 3), np.uint8)).save(root / "images" / "s0.jpg")
-    (root / "images" / "s0.png").unlink()
+    for i in range(3):
+        (root / "images" / f"s{i}.png").unlink()
+        Image.fromarray(np.zeros((48, 48, 3), np.uint8)).save(root / "images" / f"s{i}.jpg")
     ds = folder(root)
     assert ds.num_channels == 3 and all(x.shape == (3, 48, 48) for x in ds.images)
+
+
+def test_folder_mixed_channels_or_bit_depths_name_the_file(tmp_path):
+    "An RGB image among grey ones used to make the whole set 3-channel; a 16-bit one was normalized as 8-bit."
+    root = _make_folder(tmp_path / "d", n=5)
+    Image.fromarray(np.zeros((48, 48, 3), np.uint8)).save(root / "images" / "s0.jpg")
+    (root / "images" / "s0.png").unlink()
+    with pytest.raises(DatasetError, match=r"images differ in channels: images/s0\.jpg has 3, 4 of 5 have 1"):
+        folder(root)
+    root = _make_folder(tmp_path / "e", n=5)
+    Image.fromarray(np.full((48, 48), 40000, np.uint16)).save(root / "images" / "s2.png")
+    with pytest.raises(DatasetError, match=r"bit depth\): images/s2\.png has uint16, 4 of 5 have uint8"):
+        folder(root)
+
+
+def test_folder_keeps_every_band_of_a_tiff_and_refuses_alpha(tmp_path):
+    "A 4-band TIFF (RGB + near-infrared) used to be cut to 3 channels without a word."
+    root = _make_folder(tmp_path / "d", n=3)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        (root / "images" / f"s{i}.png").unlink()
+        tifffile.imwrite(root / "images" / f"s{i}.tif", rng.integers(0, 4000, (48, 48, 4)).astype(np.uint16))
+    ds = folder(root)
+    assert ds.num_channels == 4 and ds.images[0].shape == (4, 48, 48)
+    assert np.allclose([x.mean() for x in ds.images[0]], 0, atol=0.2)          # each band normalized on its own
+    tifffile.imwrite(root / "images" / "s1.tif", rng.integers(0, 4000, (13, 48, 48)).astype(np.uint16))
+    with pytest.raises(DatasetError, match="differ in channels: images/s1.tif has 13"):
+        folder(root)                                                           # 13 bands are fine, mixing is not
+    root = _make_folder(tmp_path / "e", n=3)
+    Image.fromarray(np.zeros((48, 48, 4), np.uint8), mode="RGBA").save(root / "images" / "s1.png")
+    with pytest.raises(DatasetError, match=r"images/s1\.png has an alpha channel"):
+        folder(root)
+
+
+def test_folder_declared_classes_make_a_stray_value_an_error(tmp_path):
+    "A stray 3 in one mask of a 0-2 dataset used to become a fourth class without a word."
+    root = _make_folder(tmp_path / "d", n=6)
+    for i in range(6):
+        m = np.zeros((48, 48), np.uint8); m[10:30, 5:25] = 1; m[35:45, 30:40] = 2
+        if i == 4: m[5:9, 5:9] = 3
+        Image.fromarray(m).save(root / "masks" / f"s{i}.png")
+    with pytest.raises(DatasetError, match=r"masks/s4\.png has label value\(s\) \[3\] out of range: valid values are "
+                                           r"0\.\.2 \(classes \['bg', 'a', 'b'\]\)"):
+        folder(root, class_names=["bg", "a", "b"])
+    split = tmp_path / "split.yaml"
+    split.write_text("train: [s0, s1, s4]\nval: [s2, s3]\ntest: [s5]\n")
+    with pytest.warns(UserWarning, match=r"value\(s\) \[3\] occur in very few masks.*masks/s4\.png.*declare class_names"):
+        ds = folder(root, split_file=split)                                   # inferred: said, not silent
+    assert ds.num_classes == 4
+
+
+def test_folder_0_255_masks_are_refused_with_the_mapping_to_use(tmp_path):
+    root = _make_folder(tmp_path / "d", n=4, value=255)
+    with pytest.raises(DatasetError, match=r"only 0 and 255.*label_map=\{255: 1\}"):
+        folder(root)
+    ds = folder(root, label_map={255: 1})
+    assert ds.num_classes == 2 and int((ds.labels[0] == 1).sum()) == 400
+
+
+def test_folder_class_without_train_pixels_is_refused(tmp_path):
+    root = _make_folder(tmp_path / "d", n=6)
+    with pytest.raises(DatasetError, match=r"class\(es\) \['b'\] have no pixel in the train split"):
+        folder(root, class_names=["bg", "a", "b"])
+
+
+def test_folder_grouped_splits_keep_a_scene_together(tmp_path):
+    root = tmp_path / "d"
+    (root / "images").mkdir(parents=True); (root / "masks").mkdir()
+    m = np.zeros((48, 48), np.uint8); m[10:30, 5:25] = 1
+    for scene in range(6):
+        for t in range(3):
+            Image.fromarray(np.full((48, 48), 10 * scene + t, np.uint8)).save(root / "images" / f"scene{scene}_t{t}.png")
+            Image.fromarray(m).save(root / "masks" / f"scene{scene}_t{t}.png")
+    ds = folder(root, group=r"^(scene\d+)_")
+    scenes = {s: {ds.scene_names[i].split("/")[1].split("_")[0] for i, _ in p} for s, p in ds.parts.items()}
+    assert all(scenes.values()) and sum(len(v) for v in scenes.values()) == 6, scenes      # no scene in two splits
+    assert all(len(p) % 3 == 0 for p in ds.parts.values())
+    with pytest.raises(DatasetError, match=r"matches nothing in the file name 'scene0_t0': every file needs a group"):
+        folder(root, group=r"^(plate\d+)_")
+    with pytest.raises(ValueError, match="not a regular expression"):
+        folder(root, group="(unclosed")
+
+
+def test_folder_split_file_fixes_the_split(tmp_path):
+    root = _make_folder(tmp_path / "d", n=5)
+    f = tmp_path / "split.yaml"
+    f.write_text("train: [s0, s1, s2]\nval: [s3]\ntest: [s4]\n")
+    ds = folder(root, split_file=f)
+    assert {s: [ds.scene_names[i] for i, _ in p] for s, p in ds.parts.items()} == {
+        "train": ["images/s0.png", "images/s1.png", "images/s2.png"], "val": ["images/s3.png"], "test": ["images/s4.png"]}
+    f.write_text('{"train": ["s0", "s1"], "val": ["s3", "s1"], "test": ["s9"]}')
+    with pytest.raises(DatasetError, match=r"in two splits: \['s1'\]; not in images/: \['s9'\]; in no split: \['s2', 's4'\]"):
+        folder(root, split_file=f)
+
+
+def test_folder_settings_are_run_parameters(tmp_path):
+    from mars_nb.train import ConfigError, config_from_params, dataset_for
+    root = _make_folder(tmp_path / "d", n=4, value=255)
+    c = config_from_params(dataset="folder", root=str(root), class_names=["background", "leaf"], label_map={255: 1})
+    assert c.data.class_names == ["background", "leaf"] and dataset_for(c).class_names == ["background", "leaf"]
+    with pytest.raises(ConfigError, match="class_names=.* is only read for dataset 'folder', not 'craters'"):
+        config_from_params(class_names=["a", "b"])
+    with pytest.raises(ConfigError, match="give group or split_file, not both"):
+        config_from_params(dataset="folder", root=str(root), group="x", split_file="y.yaml")
 
 
 # ---------------------------------------------------------------- by name
