@@ -27,9 +27,9 @@ from .views import (IGNORE, footprint_radius, rotate, rotate_labels, rotated_cro
                            valid_mask)
 
 # %% auto #0
-__all__ = ['SPLITS', 'IMAGE_SUFFIXES', 'Region', 'MAX_BANDS', 'DATASETS', 'DatasetError', 'package_file', 'disc_instances',
-           'crater_scene', 'band_regions', 'point_split', 'TileSpec', 'SceneDataset', 'split_summary', 'fold_parts',
-           'craters', 'nuclei', 'split_files', 'read_split_file', 'folder', 'load_dataset']
+__all__ = ['SPLITS', 'IMAGE_SUFFIXES', 'Region', 'TILE_MODES', 'MAX_BANDS', 'DATASETS', 'DatasetError', 'package_file',
+           'disc_instances', 'crater_scene', 'band_regions', 'point_split', 'TileSpec', 'SceneDataset', 'split_summary',
+           'fold_parts', 'craters', 'nuclei', 'split_files', 'read_split_file', 'folder', 'load_dataset']
 
 # %% ../nbs/00_data.ipynb #c005
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -136,6 +136,10 @@ def _hw(size) -> tuple[int, int]:
     return h, w
 
 # %% ../nbs/00_data.ipynb #c025
+TILE_MODES = ("crop", "fill", "image")
+"How test tiles are made: rotate-then-crop from a large scene, upright tiles rotated with fill, whole images on a canvas."
+
+
 class TileSpec(NamedTuple):
     "One tile: scene index, centre `(cy, cx)` (continuous pixel coordinates), size `(h, w)` and split."
     scene: int
@@ -150,7 +154,7 @@ class SceneDataset:
                  parts: dict[str, list[tuple[int, Region]]], *, instances: list[torch.Tensor] | None = None,
                  scene_names: Sequence[str] | None = None, tile_size: int = 128, tile_mode: str = "crop",
                  objects: pd.DataFrame | None = None, object_name: str = "objects", stats: dict | None = None):
-        if tile_mode not in ("crop", "fill"): raise ValueError(f"tile_mode {tile_mode!r} is not 'crop' or 'fill'")
+        if tile_mode not in TILE_MODES: raise ValueError(f"tile_mode {tile_mode!r} is not one of {TILE_MODES}")
         self.name, self.class_names = name, list(class_names)
         self.num_classes, self.num_channels = len(self.class_names), int(images[0].shape[0])
         self.images, self.labels, self.instances = images, labels, instances
@@ -218,7 +222,14 @@ class SceneDataset:
         return out
 
     def test_tiles(self, split: str = "test", size=None, stride: int | None = None) -> list[TileSpec]:
-        "Tiles on a deterministic grid (`stride` apart, default the tile size) that fit in the split at any angle."
+        """Tiles on a deterministic grid (`stride` apart, default the tile size) that fit in the split at any angle;
+        with `tile_mode="image"`, one square canvas per part of the split that holds it whole at any angle."""
+        if self.tile_mode == "image":
+            diag = max(math.hypot(y1 - y0, x1 - x0) for _, (y0, y1, x0, x1) in self._parts(split))
+            S = 32 * math.ceil((diag + 2) / 32)              # every real pixel stays on the canvas at any angle
+            on_grid = lambda a, b: math.floor((a + b - S) / 2) + S / 2     # the canvas's corner on a pixel corner
+            return [TileSpec(scene, (on_grid(y0, y1), on_grid(x0, x1)), (S, S), split)
+                    for scene, (y0, y1, x0, x1) in self._parts(split)]
         h, w = _hw(size if size is not None else self.tile_size)
         reach = (footprint_radius((h, w)),) * 2 if self.tile_mode == "crop" else (h / 2, w / 2)
         what = "test tile rotated to any angle" if self.tile_mode == "crop" else "test tile"
@@ -242,7 +253,7 @@ class SceneDataset:
         img, lab = self.images[scene], self.labels[scene]
         ins = self.instances[scene] if self.instances is not None else None
         (h, w), n = size, len(centers)
-        if self.tile_mode == "crop":
+        if self.tile_mode in ("crop", "image"):
             image = rotated_crops(img, centers, (h, w), angle, mode="bilinear")
             label = rotated_crops(lab, centers, (h, w), angle, mode="nearest", fill=IGNORE).long()
             # valid: the pixel's source lies inside this split's region (never another split, never outside)
@@ -587,7 +598,7 @@ def folder(root, class_names: Sequence[str] | None = None, num_classes: int | No
     split_of = {index[n]: s for s, names in by_split.items() for n in names}
     objects["split"] = [split_of[int(i)] for i in objects.scene]
     return SceneDataset(root.name, class_names, images, [torch.from_numpy(l) for l in labels], parts,
-                        scene_names=rels, tile_size=tile_size, tile_mode="fill",
+                        scene_names=rels, tile_size=tile_size, tile_mode="image",
                         objects=objects, object_name="objects", stats={"mean": mean.tolist(), "std": std.tolist()})
 
 # %% ../nbs/00_data.ipynb #c047
