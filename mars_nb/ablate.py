@@ -29,7 +29,7 @@ def _train():
 
 # %% auto #0
 __all__ = ['GRID_KEYS', 'GRID_HELP', 'default_template', 'GridError', 'Run', 'load_grid', 'shard_runs', 'is_done',
-           'changed_params', 'execute', 'run_grid', 'run_parallel', 'main']
+           'changed_params', 'execute', 'run_step', 'run_grid', 'run_parallel', 'main']
 
 # %% ../nbs/07_ablate.ipynb #c005
 GRID_KEYS = ("out", "datasets", "seeds", "shared", "per_dataset", "configs")
@@ -149,12 +149,55 @@ def _write_json(path: Path, obj: dict):
     tmp.write_text(json.dumps(obj, indent=2, default=str)); tmp.replace(path)
 
 
+def _kernel_manager():
+    "A Jupyter kernel manager on local IPC sockets (no TCP, hence no 'running over TCP without encryption' warning)."
+    from jupyter_client.manager import KernelManager  # noqa: PLC0415
+
+    class IPCKernelManager(KernelManager):
+        def __init__(self, **kw):
+            super().__init__(**{"transport": "ipc", **kw})
+
+    return KernelManager if os.name == "nt" else IPCKernelManager    # Windows has no IPC transport
+
+
 def execute(run: Run, template: Path | None = None, kernel: str = "python3") -> None:
     "Execute `run.ipynb` for one run through papermill into its folder."
     import papermill as pm  # noqa: PLC0415  (grid runs only)
     pm.execute_notebook(str(template or default_template()), str(run.out_dir / "run.ipynb"),
                         parameters={**run.params, "out_dir": str(run.out_dir.resolve())},
-                        kernel_name=kernel, progress_bar=False, cwd=str(run.out_dir))
+                        kernel_name=kernel, progress_bar=False, cwd=str(run.out_dir),
+                        kernel_manager_class=_kernel_manager())
+
+
+def run_step(run: Run) -> str:
+    "'step s/steps' of a run in progress, read from its training log ('' before its first logged step)."
+    logs = sorted(run.out_dir.glob("logs/attempt*/metrics.csv"), key=lambda p: int(p.parent.name[7:]))
+    try: last = logs[-1].read_text().strip().splitlines()[-1].split(",")
+    except (IndexError, OSError): return ""
+    head = logs[-1].read_text().splitlines()[0].split(",")
+    step = last[head.index("step")] if "step" in head and len(last) == len(head) else ""
+    return f"step {int(float(step)) + 1}/{run.params.get('steps', '?')}" if step else ""
+
+
+def _watch(bar, runs: list[Run]) -> None:
+    "Show in `bar` the runs in progress (a lock, no done.json) and their steps."
+    busy = [r for r in runs if (r.out_dir / ".lock").exists() and not is_done(r)]
+    bar.set_postfix_str(", ".join(f"{r.name} {run_step(r)}".strip() for r in busy[:3]) or "starting")
+
+
+def _while(work, tick, every: float = 2.0):
+    "Run `work()` in a thread, calling `tick()` every `every` seconds until it ends; re-raise what it raised."
+    import threading  # noqa: PLC0415
+    failure = []
+
+    def target():
+        try: work()
+        except BaseException as e: failure.append(e)  # noqa: BLE001  (re-raised below, in the caller's thread)
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    while t.join(every) or t.is_alive(): tick()
+    if failure: raise failure[0]
 
 
 def run_grid(runs: list[Run], execute=execute, progress: bool = True) -> dict:
@@ -178,7 +221,7 @@ def run_grid(runs: list[Run], execute=execute, progress: bool = True) -> dict:
         try:
             if is_done(run): summary["skipped"].append(run.name); continue       # finished by it meanwhile
             (run.out_dir / "error.txt").unlink(missing_ok=True)
-            execute(run)
+            _while(lambda: execute(run), lambda: bar.set_postfix_str(f"{run.name} {run_step(run)}".strip()) if progress else None)
             _write_json(run.out_dir / "done.json", {"name": run.name, "config": run.config, "dataset": run.dataset,
                                                     "seed": run.seed, "seconds": time.time() - t0, "params": run.params})
             summary["ran"].append(run.name)
@@ -209,7 +252,7 @@ def run_parallel(argv: list[str], runs: list[Run], jobs: int, cores: int | None 
         bar = tqdm(total=len(runs), desc=f"grid ({jobs} runners x {threads} threads)", unit="run", disable=not progress)
         try:
             while any(p.poll() is None for p in procs):
-                bar.n = sum(is_done(r) for r in runs); bar.refresh(); time.sleep(poll)
+                bar.n = sum(is_done(r) for r in runs); _watch(bar, runs); time.sleep(poll)
         finally:
             for p in procs:
                 if p.poll() is None: p.terminate()

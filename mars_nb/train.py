@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import math
 import os
 import socket
@@ -488,6 +489,8 @@ def make_trainer(cfg: RunConfig, out_dir: str | Path, progress: bool = True, **o
     from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: PLC0415
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger  # noqa: PLC0415
     t, out = cfg.train, Path(out_dir)
+    for noisy in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)   # tips and 'GPU available: False': not what a run says
     acc, precision = resolve_device(t.device, t.precision)
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0,
                            every_n_train_steps=t.ckpt_every, enable_version_counter=False)

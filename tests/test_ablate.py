@@ -248,3 +248,15 @@ def test_jobs_runners_share_the_grid_each_run_once(tmp_path, capsys):
 def test_jobs_must_be_positive(grid, capsys):
     assert main([str(grid), "--jobs", "0"]) == 2
     assert "--jobs must be at least 1" in capsys.readouterr().err
+
+
+def test_the_grid_bar_names_runs_and_their_steps(tmp_path):
+    "The bar used to sit at '0/3 ?run/s' for minutes: it now says which runs are training and at which step."
+    from mars_nb.ablate import run_step
+    r = Run("craters-none-s0", "none", "craters", 0, {"steps": 600}, tmp_path / "r")
+    assert run_step(r) == ""                                               # nothing logged yet
+    (tmp_path / "r" / "logs" / "attempt0").mkdir(parents=True)
+    (tmp_path / "r" / "logs" / "attempt1").mkdir(parents=True)
+    (tmp_path / "r" / "logs" / "attempt0" / "metrics.csv").write_text("epoch,step,train/loss\n0,9,1.0\n0,19,0.9\n")
+    (tmp_path / "r" / "logs" / "attempt1" / "metrics.csv").write_text("epoch,step,train/loss\n0,229,0.5\n0,239,0.4\n")
+    assert run_step(r) == "step 240/600"                                   # the latest attempt's last step
