@@ -164,3 +164,12 @@ def test_comparisons_read_each_config_against_rotaug_and_the_strongest_control(t
     readme = (tmp_path / "out" / "README.md").read_text()
     assert (tmp_path / "out" / "comparisons.csv").exists() and "## Comparisons" in readme
     assert "- `mars-x`: helps: +" in readme and "detectable ≥" in readme
+
+
+def test_explore_finds_the_repository_from_anywhere_and_says_how_to_get_weights(tmp_path):
+    "It failed unless run from its own folder, and pointed at the hours-long grid rather than the quick one."
+    with pytest.raises(pm.PapermillExecutionError, match=r"reports/runs/craters-none-s9 has no model\.safetensors.*"
+                                                          r"make reports-quick"):
+        pm.execute_notebook(str(ROOT / "nbs" / "experiments" / "explore.ipynb"), str(tmp_path / "explore.ipynb"),
+                            kernel_name="python3", progress_bar=False, cwd=str(tmp_path),
+                            parameters={"run_dir": "reports/runs/craters-none-s9"})
