@@ -222,11 +222,15 @@ def pca_rgb(f1: torch.Tensor, f2: torch.Tensor, valid: torch.Tensor) -> tuple[np
     return img(p1), img(p2)
 
 
-def plot_stage_maps(maps: dict, taps=None, queries: int = 2, sample: int = 0):
-    "Upright vs rotated-back map per tap (features as PCA-RGB, attention for a few queries), valid region outlined."
+def plot_stage_maps(maps: dict, taps=None, queries: int = 2, sample: int = 0, images=None, title: str | None = None):
+    """Upright vs rotated-back map per tap (features as PCA-RGB, attention for a few queries, with its colour scale)
+    and the valid region; `images` = (upright, rotated) `[B,C,H,W]` adds the input tile as the first row."""
     import matplotlib.pyplot as plt  # noqa: PLC0415
     taps = [t for t in (taps or maps)]
     rows = []
+    if images is not None:
+        up, rot = (x[sample, 0].float().numpy() for x in images)
+        rows.append(("input tile", up, rot, None))
     for t in taps:
         m1, m2, valid = maps[t]
         if t.startswith("attention."):
@@ -235,14 +239,20 @@ def plot_stage_maps(maps: dict, taps=None, queries: int = 2, sample: int = 0):
         else:
             a, b = pca_rgb(m1[sample], m2[sample], valid)
             rows.append((t, a, b, valid))
-    fig, axes = plt.subplots(len(rows), 3, figsize=(6.6, 2.2 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), 3, figsize=(7.2, 2.2 * len(rows)), squeeze=False)
     for (label, a, b, valid), ax in zip(rows, axes):
-        kw = {} if a.ndim == 3 else {"cmap": "magma", "vmin": 0, "vmax": max(a.max(), b.max(), 1e-8)}
-        ax[0].imshow(a, **kw); ax[1].imshow(b, **kw)
-        ax[2].imshow(valid.numpy(), cmap="gray", vmin=0, vmax=1)
+        if label == "input tile":
+            ax[0].imshow(a, cmap="gray"); ax[1].imshow(b, cmap="gray"); ax[2].set_axis_off()
+            ax[1].set_xlabel("rotated (as the network sees it)", fontsize=7)
+        else:
+            kw = {} if a.ndim == 3 else {"cmap": "magma", "vmin": 0, "vmax": max(a.max(), b.max(), 1e-8)}
+            ax[0].imshow(a, **kw); im = ax[1].imshow(b, **kw)
+            if a.ndim == 2: fig.colorbar(im, ax=ax[1], fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
+            ax[2].imshow(valid.numpy(), cmap="gray", vmin=0, vmax=1)
         ax[0].set_ylabel(label, fontsize=8)
         for x in ax: x.set_xticks([]); x.set_yticks([])
     axes[0][0].set_title("upright", fontsize=9); axes[0][1].set_title("rotated, warped back", fontsize=9)
     axes[0][2].set_title("valid", fontsize=9)
+    if title: fig.suptitle(title, fontsize=9, y=1.0)
     fig.tight_layout()
     return fig

@@ -110,7 +110,7 @@ def plot_metric_vs_angle(sweeps: pd.DataFrame, metric: str = "fg_iou", order: li
             ax.plot(stat.index, stat["m"], marker="o", ms=2.5, lw=1.4, color=colors[config], label=config)
             if stat["h"].notna().any():
                 ax.fill_between(stat.index, stat["m"] - stat["h"], stat["m"] + stat["h"], color=colors[config], alpha=0.18, lw=0)
-        ax.set(title=dataset, xlabel="rotation of the test tile (degrees)", xticks=range(0, 361, 45))
+        ax.set(title=dataset, xlabel="rotation of the test tile (degrees)", xticks=range(0, 361, 45), ylim=(0, 1))   # no zoom into noise
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(ylabel or metric)
     axes[0][-1].legend(fontsize=8, loc="lower right")
@@ -179,6 +179,7 @@ def plot_feature_consistency(features: pd.DataFrame, order: list[str] | None = N
 def plot_training_curves(root: str | Path, runs: pd.DataFrame, order: list[str] | None = None, smooth: int = 25):
     "Supervised training loss per config (mean over seeds, running mean over `smooth` logged steps)."
     import matplotlib.pyplot as plt  # noqa: PLC0415
+    from matplotlib.ticker import FuncFormatter  # noqa: PLC0415
     from mars_nb.train import read_log  # noqa: PLC0415
     datasets = list(dict.fromkeys(runs["dataset"]))
     configs = order or list(dict.fromkeys(runs["config"]))
@@ -190,24 +191,26 @@ def plot_training_curves(root: str | Path, runs: pd.DataFrame, order: list[str] 
             if not logs: continue
             curve = pd.concat(logs, axis=1).mean(axis=1).rolling(smooth, min_periods=1).mean()
             ax.plot(curve.index, curve.values, lw=1.2, color=config_colors(configs)[config], label=config)
-        ax.set(title=dataset, xlabel="step", ylabel="supervised loss", yscale="log"); ax.grid(alpha=0.3)
+        ax.set(title=dataset, xlabel="step", ylabel="supervised loss", yscale="log"); ax.grid(alpha=0.3, which="both")
+        plain = FuncFormatter(lambda v, _: f"{v:g}")           # 28, not 2.8×10¹
+        ax.yaxis.set_major_formatter(plain); ax.yaxis.set_minor_formatter(plain); ax.tick_params(axis="y", labelsize=7)
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     return fig
 
 # %% ../nbs/08_report.ipynb #c014
-def plot_attention_panels(run_dir: str | Path, angle: float = 30.0, tile: int = 0):
-    "Stage maps (upright vs rotated back) of a finished run on one test tile, or None without its weights."
+def plot_attention_panels(run_dir: str | Path, angle: float = 30.0, tile: int = 0, title: str = ""):
+    "The input tile and stage maps (upright vs rotated back) of a finished run on one test tile, or None without its weights."
     from mars_nb.evaluate import aligned_stage_maps, plot_stage_maps  # noqa: PLC0415
     from mars_nb.train import dataset_for, load_trained  # noqa: PLC0415
     if not (Path(run_dir) / "model.safetensors").exists(): return None
     model, cfg = load_trained(run_dir)
     ds = dataset_for(cfg)
     spec = ds.test_tiles(cfg.eval.split, cfg.data.crop)[tile]
-    maps = aligned_stage_maps(model, ds.tiles([spec], 0.0)["image"], ds.tiles([spec], angle)["image"], angle)
-    fig = plot_stage_maps(maps, ["pixel_decoder.mask_features", "attention.layer0", "attention.layer1", "attention.layer2"])
-    fig.suptitle(f"{Path(run_dir).name} · test tile {tile} at {angle:g}°", fontsize=10, y=1.01)
-    return fig
+    up, rot = ds.tiles([spec], 0.0)["image"], ds.tiles([spec], angle)["image"]
+    maps = aligned_stage_maps(model, up, rot, angle)
+    return plot_stage_maps(maps, ["pixel_decoder.mask_features", "attention.layer0", "attention.layer1", "attention.layer2"],
+                           images=(up, rot), title=f"{title}{Path(run_dir).name} · test tile {tile} at {angle:g}°")
 
 # %% ../nbs/08_report.ipynb #nf4972a2
 MDE_FACTOR = float(stats.norm.ppf(0.975) + stats.norm.ppf(0.8))
@@ -390,9 +393,10 @@ def write_report(root: str | Path, order: list[str] | None = None, panels: bool 
     if len(features): figs["feature_consistency.png"] = plot_feature_consistency(features, order)
     if panels:
         ranked = table[table["dataset"] == table["dataset"].iloc[0]].sort_values("fg_iou_mean")
-        for tag, config in (("best", ranked["config"].iloc[-1]), ("worst", ranked["config"].iloc[0])):
-            run = runs[(runs["config"] == config) & (runs["dataset"] == ranked["dataset"].iloc[0])]["run"].iloc[0]
-            fig = plot_attention_panels(root / "runs" / run)
+        for tag, row in (("best", ranked.iloc[-1]), ("worst", ranked.iloc[0])):
+            run = runs[(runs["config"] == row["config"]) & (runs["dataset"] == row["dataset"])]["run"].iloc[0]
+            fig = plot_attention_panels(root / "runs" / run, title=f"{tag} configuration by mean foreground IoU over "
+                                        f"angles: {row['config']} ({row['fg_iou_mean']:.3f})\n")
             if fig is not None: figs[f"attention_{tag}.png"] = fig
     for name, fig in figs.items():
         fig.savefig(figdir / name, dpi=120, bbox_inches="tight"); plt.close(fig)
