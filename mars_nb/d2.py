@@ -39,34 +39,40 @@ __all__ = ['INSTALL_HINT', 'MSDA_MODULE', 'MARS_MODES', 'STAGE_KEYS', 'D2_ARCH',
 
 # %% ../nbs/09_detectron2.ipynb #c005
 INSTALL_HINT = (
-    "detectron2 and the official Mask2Former are not on the package registries; install them from their "
-    "repositories: `pip install --no-build-isolation 'git+https://github.com/facebookresearch/detectron2.git'` "
-    "(builds its C++ ops against your torch; needs a C++ compiler), then clone "
-    "https://github.com/facebookresearch/Mask2Former and add the clone to PYTHONPATH, and "
-    "`pip install timm opencv-python-headless` (detectron2 also needs the torchvision that matches your torch). "
-    "Mask2Former's CUDA op (MultiScaleDeformableAttention) is "
-    "optional: without it mars_nb.d2 runs its PyTorch implementation (see use_msdeformattn_fallback)")
+    "detectron2 and the official Mask2Former are not on the package registries. In an environment whose torch has a "
+    "matching torchvision (detectron2 imports it; install the pair first, e.g. `pip install torch==2.14.1 "
+    "torchvision==0.29.1`), run `pip install -e '.[d2]' timm`, then build detectron2 from its repository against that "
+    "torch: `pip install --no-build-isolation --use-pep517 'git+https://github.com/facebookresearch/detectron2.git'` "
+    "(needs a C++ compiler), and clone https://github.com/facebookresearch/Mask2Former onto PYTHONPATH. Never add "
+    "timm to an environment without a matching torchvision: pip then installs one built for another torch, and "
+    "every `import torchvision` (torchmetrics does one) fails. Mask2Former's CUDA op (MultiScaleDeformableAttention) "
+    "is optional: without it mars_nb.d2 runs its PyTorch implementation (see use_msdeformattn_fallback)")
 "How to install the optional detectron2 backend (part of every 'not installed' error)."
 
 
-def _spec(name: str) -> bool:
-    "Whether module `name` can be imported (an entry `None` in sys.modules counts as absent)."
-    if name in sys.modules:
-        return sys.modules[name] is not None
+def _import_error(name: str) -> Exception | None:
+    "None if module `name` really imports — a broken install fails here, not later — else the exception."
     try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
+        importlib.import_module(name)
+        return None
+    except Exception as e:  # noqa: BLE001  (ImportError, but also what a torchvision built for another torch raises)
+        return e
+
+
+def _said(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
 
 
 def missing_reason(mask2former: bool = True) -> str | None:
-    "None if detectron2 (with its compiled ops) and, if asked, the official Mask2Former are importable; else why not."
-    if not _spec("detectron2"):
-        return f"detectron2 is not installed. {INSTALL_HINT}"
-    if not _spec("detectron2._C"):
-        return ("detectron2 is installed without its compiled ops (detectron2._C), as the registry sdists are; "
-                f"install it from its repository. {INSTALL_HINT}")
-    if mask2former and not _spec("mask2former"):
+    "None if detectron2 (with its compiled ops) imports and, if asked, the official Mask2Former is on the path; else why not."
+    if (e := _import_error("detectron2")) is not None:
+        if isinstance(e, ModuleNotFoundError) and e.name == "detectron2":
+            return f"detectron2 is not installed. {INSTALL_HINT}"
+        return f"detectron2 is installed but does not import ({_said(e)}). {INSTALL_HINT}"
+    if (e := _import_error("detectron2._C")) is not None:
+        return (f"detectron2 is installed without its compiled ops (detectron2._C: {_said(e)}), as the registry sdists "
+                f"are; install it from its repository. {INSTALL_HINT}")
+    if mask2former and importlib.util.find_spec("mask2former") is None:    # imported (with its fallback) when used
         return ("the official Mask2Former (package `mask2former`) is not importable: clone "
                 f"https://github.com/facebookresearch/Mask2Former and add the clone to PYTHONPATH. {INSTALL_HINT}")
     return None

@@ -47,15 +47,19 @@ def test_import_without_detectron2_gives_clear_errors():
 
 
 def test_missing_parts_are_named(monkeypatch):
-    present = {"detectron2": True, "detectron2._C": False, "mask2former": False}
-    monkeypatch.setattr(d2, "_spec", lambda name: present[name])
-    assert "compiled ops (detectron2._C)" in d2.missing_reason()
+    present = {"detectron2": True, "detectron2._C": False}
+    monkeypatch.setattr(d2, "_import_error",
+                        lambda name: None if present[name] else ModuleNotFoundError(f"No module named {name!r}", name=name))
+    monkeypatch.setattr(d2.importlib.util, "find_spec", lambda name: None)          # no mask2former on the path
+    assert "compiled ops (detectron2._C: ModuleNotFoundError" in d2.missing_reason()
     present["detectron2._C"] = True
     msg = d2.missing_reason()
     assert "Mask2Former" in msg and "PYTHONPATH" in msg
     assert d2.missing_reason(mask2former=False) is None and d2.have_detectron2(mask2former=False)
     with pytest.raises(ImportError, match="PYTHONPATH"):
         d2.require_detectron2()
+    present["detectron2"] = False
+    assert d2.missing_reason().startswith("detectron2 is not installed")
 
 
 def test_msdeformattn_stand_in():
@@ -578,3 +582,17 @@ def test_meta_arch_registration_can_be_repeated(tiny):
         d2._CLASSES.clear()
         d2._CLASSES.update(saved)
         META_ARCH_REGISTRY._obj_map["MarsMaskFormer"] = cls
+
+
+def test_a_detectron2_that_does_not_import_is_reported_missing(tmp_path, monkeypatch):
+    "have_detectron2() used to say True for an installed detectron2 that fails to import (tests then errored)."
+    pkg = tmp_path / "detectron2"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for k in [k for k in sys.modules if k == "detectron2" or k.startswith("detectron2.")]:
+        monkeypatch.delitem(sys.modules, k)
+    reason = d2.missing_reason()
+    assert not d2.have_detectron2()
+    assert "detectron2 is installed but does not import (RuntimeError: operator torchvision::nms does not exist)" in reason
+    assert "torchvision" in reason and "--use-pep517" in reason
