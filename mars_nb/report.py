@@ -18,9 +18,9 @@ from scipy import stats
 
 # %% auto #0
 __all__ = ['CONTROLS', 'SUMMARY_COLUMNS', 'MDE_FACTOR', 'collect', 'config_order', 'config_colors', 'mean_ci', 'summary_table',
-           'to_markdown', 'plot_metric_vs_angle', 'plot_summary_bars', 'collect_features', 'plot_feature_consistency',
-           'plot_training_curves', 'plot_attention_panels', 'mean_fg_iou', 'tile_bootstrap', 'run_confusion',
-           'strongest_control', 'compare', 'comparisons', 'paired_differences', 'verdict', 'reading',
+           'class_iou_markdown', 'to_markdown', 'plot_metric_vs_angle', 'plot_summary_bars', 'collect_features',
+           'plot_feature_consistency', 'plot_training_curves', 'plot_attention_panels', 'mean_fg_iou', 'tile_bootstrap',
+           'run_confusion', 'strongest_control', 'compare', 'comparisons', 'paired_differences', 'verdict', 'reading',
            'comparisons_markdown', 'write_readme', 'write_report', 'weight_curves', 'choose_weights',
            'plot_weight_curves', 'weights_section']
 
@@ -81,6 +81,26 @@ def summary_table(runs: pd.DataFrame, order: list[str] | None = None) -> pd.Data
     df = pd.DataFrame(rows)
     if order: df["_o"] = df["config"].map({c: i for i, c in enumerate(order)}); df = df.sort_values(["dataset", "_o"]).drop(columns="_o")
     return df.reset_index(drop=True)
+
+
+def class_iou_markdown(runs: pd.DataFrame, order: list[str] | None = None) -> str:
+    "Per dataset, a table of every class's IoU (mean over angles; mean ± 95% CI over replicates), classes by name."
+    out = []
+    for dataset, d in runs.groupby("dataset", sort=False):
+        cols = [c for c in d.columns if c.startswith("iou_") and c.endswith("_mean") and d[c].notna().any()]
+        if not cols: continue
+        names = [c[len("iou_"):-len("_mean")] for c in cols]
+        lines = [f"**{dataset}**\n", "| config | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        configs = [c for c in (order or d["config"].unique()) if c in set(d["config"])]
+        for config in configs:
+            g = d[d["config"] == config]
+            cells = []
+            for c in cols:
+                m, h, _ = mean_ci(g[c])
+                cells.append("–" if not np.isfinite(m) else f"{m:.3f}" if not np.isfinite(h) else f"{m:.3f} ± {h:.3f}")
+            lines.append(f"| {config} | " + " | ".join(cells) + " |")
+        out.append("\n".join(lines) + "\n")
+    return "\n".join(out)
 
 
 def to_markdown(table: pd.DataFrame) -> str:
@@ -363,6 +383,10 @@ def write_readme(root: Path, runs: pd.DataFrame, table: pd.DataFrame, figures: l
             "also picks the fold). Summary: mean ± 95% confidence interval over replicates (Student t). IoU is the "
             "foreground IoU — the mean IoU of the non-background classes (crater; nucleus) — on held-out test tiles.\n",
             "![foreground IoU vs angle](figures/iou_vs_angle.png)\n", "## Summary\n", to_markdown(table)]
+    per_class = class_iou_markdown(runs, list(dict.fromkeys(table["config"])))
+    if per_class:
+        text += ["\n## Per-class IoU\n", "Every class's IoU, mean over angles (the foreground IoU above is the mean of the "
+                 "non-background classes):\n", per_class]
     if comps is not None and len(comps):
         text += ["\n## Comparisons\n", comparisons_markdown(comps)]
     text += ["\n## Reading\n", reading(runs, table, comps), extra, "\n## Figures\n"]

@@ -173,3 +173,15 @@ def test_explore_finds_the_repository_from_anywhere_and_says_how_to_get_weights(
         pm.execute_notebook(str(ROOT / "nbs" / "experiments" / "explore.ipynb"), str(tmp_path / "explore.ipynb"),
                             kernel_name="python3", progress_bar=False, cwd=str(tmp_path),
                             parameters={"run_dir": "reports/runs/craters-none-s9"})
+
+
+def test_the_report_gives_every_class_by_name():
+    "Per-class IoU used to exist only in each run's sweep.csv; the report showed an undefined 'foreground IoU'."
+    import pandas as pd
+    from mars_nb.report import class_iou_markdown
+    runs = pd.DataFrame({"dataset": ["cells"] * 4, "config": ["rotaug", "rotaug", "mars", "mars"], "seed": [0, 1, 0, 1],
+                         "iou_background_mean": [0.9, 0.92, 0.91, 0.93], "iou_nucleus_mean": [0.5, 0.52, 0.6, 0.62],
+                         "iou_membrane_mean": [0.3, 0.32, 0.2, 0.22]})
+    text = class_iou_markdown(runs, ["rotaug", "mars"])
+    assert "| config | background | nucleus | membrane |" in text
+    assert "| rotaug | 0.910 ± 0.127 | 0.510 ± 0.127 | 0.310 ± 0.127 |" in text
