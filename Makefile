@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mars_nb-installed
 # Data packages ship real images; their own dependencies pull TensorFlow, so --no-deps.
-DATA_PKGS := pycda==0.1.16 stardist==0.9.2
+DATA_PKGS := pycda==0.1.16 stardist==0.9.2 deepforest==2.1.0
 
 .PHONY: install test reports weights reports-quick export readme print-readme lab bench bench-gpu
 

@@ -178,7 +178,7 @@ FOLDER_KEYS = ("class_names", "group", "split_file", "label_map")
 @dataclass
 class DataConfig(YamlConfig):
     "Which dataset, and the training crops drawn from it."
-    dataset: str = "craters"          # craters | nuclei | folder
+    dataset: str = "craters"          # craters | nuclei | trees | folder
     root: str | None = None           # folder datasets only: a folder with images/ and masks/
     crop: int = 128                   # training crop and test tile size (pixels, multiple of 32)
     batch_size: int = 8               # images per view per step

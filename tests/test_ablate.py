@@ -93,7 +93,7 @@ def test_a_grid_names_its_datasets_and_holds_several_folders(tmp_path):
     ("configs: [a, b\n", "not valid YAML"),
     ("- a\n- b\n", "a grid is a mapping"),
     ("seeds: [0.5]\nconfigs:\n  a: {mode: none}\n", ":1: seeds must be a non-empty list of int, got [0.5]"),
-    ("datasets: [mars]\nconfigs:\n  a: {mode: none}\n", "dataset 'mars' is not one of ['craters', 'nuclei', 'folder']"),
+    ("datasets: [mars]\nconfigs:\n  a: {mode: none}\n", "dataset 'mars' is not one of ['craters', 'nuclei', 'trees', 'folder']"),
     ("configs:\n  a: {mode: none, steps: 0}\n", ":2: config 'a': steps must be >= 1, got 0"),
     ("shared: {batch_size: 0}\nconfigs:\n  a: {mode: none}\n", "batch_size must be >= 1, got 0"),
     ("configs:\n  a: {mode: none, crop: 100}\n", "crop 100 must be a positive multiple of 32"),

@@ -8,8 +8,9 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from mars_nb.data import (DatasetError, SceneDataset, TileSpec, band_regions, crater_scene, craters, disc_instances,
-                          fold_parts, folder, load_dataset, nuclei, split_files, split_summary)
+from mars_nb.data import (TREE_SCENES, DatasetError, SceneDataset, TileSpec, band_regions, crater_scene, craters,
+                          disc_instances, ellipse_instances, fold_parts, folder, load_dataset, nuclei, quiet_cut,
+                          split_files, split_summary, trees, voc_boxes)
 from mars_nb.views import IGNORE, footprint_radius, shared_region
 
 
@@ -21,6 +22,11 @@ def cds():
 @pytest.fixture(scope="module")
 def nds():
     return nuclei()
+
+
+@pytest.fixture(scope="module")
+def tds():
+    return trees()
 
 
 def _rot(t, k):
@@ -50,6 +56,25 @@ def test_disc_instances_hand_case():
     d = disc_instances((5, 5), [2, 2], [2, 2], [5, 2])
     expect = np.array([[0, 1, 1, 1, 0], [1, 1, 2, 1, 1], [1, 2, 2, 2, 1], [1, 1, 2, 1, 1], [0, 1, 1, 1, 0]])
     np.testing.assert_array_equal(d, expect)
+
+
+def test_ellipse_instances_hand_case():
+    "rx=2, ry=1 about pixel (row 1, col 2): the middle row whole, one pixel above and below; a small one on top."
+    e = ellipse_instances((3, 5), [2, 4], [1, 2], [2, 0.5], [1, 0.5])
+    np.testing.assert_array_equal(e, [[0, 0, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 1, 0, 2]])
+
+
+def test_ellipse_instances_match_the_multiplied_out_inequality():
+    "Against ry²(c−x)² + rx²(r−y)² ≤ rx²ry² over every pixel (centres off the grid, so no pixel sits on a boundary)."
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(0, 60, 30) + 0.013, rng.uniform(0, 40, 30) + 0.017
+    rx, ry = rng.uniform(1, 9, 30), rng.uniform(1, 9, 30)
+    got = ellipse_instances((40, 60), x, y, rx, ry)
+    rr, cc = np.mgrid[0:40, 0:60]
+    want = np.zeros((40, 60), np.int32)
+    for i in np.argsort(-(rx * ry), kind="stable"):
+        want[ry[i] ** 2 * (cc - x[i]) ** 2 + rx[i] ** 2 * (rr - y[i]) ** 2 <= (rx[i] * ry[i]) ** 2] = i + 1
+    np.testing.assert_array_equal(got, want)
 
 
 def test_crater_dataset_basics(cds):
@@ -526,7 +551,7 @@ def test_folder_settings_are_run_parameters(tmp_path):
 
 def test_load_dataset_by_name():
     assert load_dataset("nuclei", tile_size=64).tile_size == 64
-    with pytest.raises(ValueError, match="unknown dataset 'moon'; valid names: craters, nuclei, folder"):
+    with pytest.raises(ValueError, match="unknown dataset 'moon'; valid names: craters, nuclei, trees, folder"):
         load_dataset("moon")
 
 
@@ -559,3 +584,72 @@ def test_folder_test_images_are_scored_whole_at_every_angle(tmp_path):
     df = sweep(torch.nn.Linear(1, 1), ds, [0, 45], progress=False,
                predict=lambda model, x: torch.zeros(x.shape[0], *x.shape[-2:], dtype=torch.long))
     assert (df["n_tiles"] == len(specs)).all() and (df["fg_iou"] == 0).all()
+
+
+# ---------------------------------------------------------------- trees
+
+
+def test_quiet_cut_by_hand():
+    top, bottom = [0, 5, 12], [10, 15, 20]          # rows each box covers
+    assert quiet_cut(11, top, bottom, 3) == 11        # rows 11 and 12 are straddled by one box; 11 is nearer
+    assert quiet_cut(13, top, bottom, 1) == 12        # 12: one box (5..15), 13 and 14: two
+    assert quiet_cut(4, [0, 8], [3, 12], 2) == 4      # nothing straddles row 4 (box 0 ends at 3, box 1 starts at 8)
+    assert quiet_cut(9, [0, 8], [3, 12], 5) == 8      # a cut at 8 leaves the box 8..12 whole below it
+    assert quiet_cut(10, [0, 6], [3, 14], 6) == 6     # rows 7..14 cut the box 6..14: the nearest free row wins
+
+
+def test_voc_boxes_reads_the_annotations(tmp_path):
+    p = tmp_path / "a.xml"
+    p.write_text("<annotation><object><name>Tree</name><bndbox><xmin>3</xmin><ymin>4</ymin><xmax>10</xmax>"
+                 "<ymax>12</ymax></bndbox></object></annotation>")
+    b = voc_boxes(p)
+    assert b.to_dict("records") == [{"name": "Tree", "xmin": 3.0, "ymin": 4.0, "xmax": 10.0, "ymax": 12.0}]
+    (tmp_path / "bad.xml").write_text("<annotation>")
+    with pytest.raises(DatasetError, match="cannot read the annotations .*bad.xml"):
+        voc_boxes(tmp_path / "bad.xml")
+
+
+def test_trees_dataset_basics(tds):
+    assert tds.class_names == ["background", "tree"] and tds.num_channels == 3 and len(tds.images) == 2
+    assert len(tds.objects) == 574 + 279 and set(tds.objects.split) <= {"train", "val", "test", ""}
+    assert (tds.objects[tds.objects.scene == 1].split == "train").all(), "the second tile is all train"
+    pix = torch.cat([tds.images[i][:, y0:y1, x0:x1].flatten(1) for i, (y0, y1, x0, x1) in tds.parts["train"]], 1)
+    assert pix.mean(1).abs().max() < 1e-3 and (pix.std(1) - 1).abs().max() < 1e-3, "normalized with train statistics"
+    summary = split_summary(tds).set_index("split")
+    assert (summary.tiles >= 40).all() and summary.loc["test", "objects"] >= 80
+
+
+def test_trees_no_crown_is_in_two_splits(tds):
+    "Every labelled crown pixel lies in its crown's split; a crown straddling a cut is IGNORE wherever it is."
+    inst, label, o = tds.instances[0].numpy(), tds.labels[0].numpy(), tds.objects[tds.objects.scene == 0]
+    split_of = dict(zip(o.id, o.split))
+    for s, ((_, (y0, y1, x0, x1)), *_) in tds.parts.items():
+        band_inst, band_label = inst[y0:y1, x0:x1], label[y0:y1, x0:x1]
+        ids = np.unique(band_inst[band_label == 1])
+        assert len(ids) and all(split_of[i] == s for i in ids if i), s
+    cut = o[o.split == ""]
+    assert 0 < len(cut) < 40
+    straddlers = ellipse_instances(inst.shape, cut.x, cut.y, cut.rx, cut.ry) > 0
+    assert (label[straddlers] == IGNORE).all() and (label[~straddlers] != IGNORE).all()
+
+
+def test_trees_masks_are_the_ellipses_inscribed_in_the_boxes(tds):
+    "Independent of the dataset code: the boxes of the annotation file, each pixel tested against its box's ellipse."
+    from mars_nb.data import package_file
+    b = voc_boxes(package_file("deepforest", "data", f"{TREE_SCENES[1]}.xml"))
+    rr, cc = np.mgrid[0:200, 0:300]
+    inside = np.zeros((200, 300), bool)
+    for x0, y0, x1, y1 in b[["xmin", "ymin", "xmax", "ymax"]].to_numpy():
+        inside |= ((cc - (x0 + x1) / 2) / ((x1 - x0) / 2)) ** 2 + ((rr - (y0 + y1) / 2) / ((y1 - y0) / 2)) ** 2 <= 1
+    assert inside.sum() > 2000
+    np.testing.assert_array_equal(tds.labels[1][:200, :300].numpy(), inside.astype(np.int64))
+
+
+def test_trees_test_tiles_stay_in_the_test_band(tds):
+    (_, (y0, y1, x0, x1)), = tds.parts["test"]
+    tiles = tds.test_tiles()
+    for t in tiles:
+        (cy, cx), R = t.center, footprint_radius(t.size)
+        assert t.scene == 0 and y0 <= cy - R and cy + R <= y1 and x0 <= cx - R and cx + R <= x1
+    up, turned = tds.tile(tiles[0], 0), tds.tile(tiles[0], 90)
+    torch.testing.assert_close(turned["image"], torch.rot90(up["image"], 1, dims=(-2, -1)))

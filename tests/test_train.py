@@ -172,7 +172,7 @@ def test_two_process_ddp_on_cpu(tmp_path):
     ({"data": {"crop": 100}}, ["crop 100", "multiple of 32", "96 or 128"]),
     ({"data": {"crop": 0}}, ["crop 0", "multiple of 32"]),
     ({"data": {"batch_size": 0}}, ["batch_size must be >= 1, got 0"]),
-    ({"data": {"dataset": "moon"}}, ["'moon'", "['craters', 'nuclei', 'folder']"]),
+    ({"data": {"dataset": "moon"}}, ["'moon'", "['craters', 'nuclei', 'trees', 'folder']"]),
     ({"data": {"dataset": "folder"}}, ["'folder' needs root="]),
     ({"data": {"dataset": "nuclei", "root": "data"}}, ["root='data'", "only read for dataset 'folder'"]),
     ({"model": {"preset": "r101"}}, ["'r101'", "['tiny', 'r50', 'pretrained']"]),
