@@ -90,6 +90,16 @@ def test_two_step_training_run(tmp_path):
     assert (tmp_path / "checkpoints" / "last.ckpt").exists() and (tmp_path / "model.safetensors").exists()
 
 
+def test_a_run_on_the_rgb_trees_with_ignored_crowns(tmp_path):
+    "Three input channels and IGNORE pixels (crowns straddling a band cut) through a MARS run."
+    cfg = RunConfig.from_dict({"data": {"dataset": "trees", "crop": 64, "batch_size": 2}, "mars": {"preset": "hybrid"},
+                               "train": {"mode": "mars", "steps": 2, "log_every": 1, "ckpt_every": 2}})
+    module = fit(cfg, tmp_path, progress=False)
+    assert module.model.config.backbone_config.num_channels == 3
+    log = read_log(tmp_path)
+    assert list(log["step"]) == [0, 1] and np.isfinite(log["train/loss"].astype(float)).all()
+
+
 def _weights(d):
     return load_file(str(d / "model.safetensors"))
 
