@@ -25,10 +25,11 @@ from .views import (IGNORE, footprint_radius, rotate, rotate_labels, rotated_cro
                            valid_mask)
 
 # %% auto #0
-__all__ = ['SPLITS', 'IMAGE_SUFFIXES', 'Region', 'TILE_MODES', 'TREE_SCENES', 'TREES_PIN', 'MAX_BANDS', 'DATASETS',
-           'DatasetError', 'package_file', 'ellipse_instances', 'disc_instances', 'crater_scene', 'band_regions',
-           'point_split', 'TileSpec', 'SceneDataset', 'split_summary', 'fold_parts', 'craters', 'nuclei', 'voc_boxes',
-           'quiet_cut', 'trees', 'split_files', 'read_split_file', 'folder', 'load_dataset']
+__all__ = ['SPLITS', 'IMAGE_SUFFIXES', 'Region', 'TILE_MODES', 'TREE_SCENES', 'TREES_PIN', 'MAX_BANDS', 'PYCDA_UNLABELLED',
+           'DATASETS', 'UNLABELLED_SCENES', 'DatasetError', 'package_file', 'ellipse_instances', 'disc_instances',
+           'crater_scene', 'band_regions', 'point_split', 'TileSpec', 'SceneDataset', 'split_summary', 'fold_parts',
+           'craters', 'nuclei', 'voc_boxes', 'quiet_cut', 'trees', 'split_files', 'read_split_file', 'folder',
+           'labelled_parts', 'semi_supervised', 'load_dataset']
 
 # %% ../nbs/00_data.ipynb #c005
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -319,7 +320,9 @@ def split_summary(ds: SceneDataset, size=None, stride: int | None = None) -> pd.
         except DatasetError: tiles = 0
         objects = int((ds.objects.split == s).sum()) if ds.objects is not None else None
         whole = all(r == (0, ds.images[i].shape[1], 0, ds.images[i].shape[2]) for i, r in parts)
+        scenes = len({i for i, _ in parts})
         region = (f"{len(parts)} files" if whole and len(ds.images) > 1 else
+                  f"{len(parts)} regions in {scenes} scene{'s' * (scenes > 1)}" if len(parts) > 2 else
                   " + ".join(str(r) if len(ds.images) == 1 else f"scene {i} {r}" for i, r in parts))
         rows.append({"split": s, "region": region, "objects": objects, "tiles": tiles, "pixels": pixels,
                      "foreground": round(fg / max(pixels, 1), 4)})
@@ -677,11 +680,83 @@ def folder(root, class_names: Sequence[str] | None = None, num_classes: int | No
                         scene_names=rels, tile_size=tile_size, tile_mode="image",
                         objects=objects, object_name="objects", stats=stats)
 
+# %% ../nbs/00_data.ipynb #n6d773e7
+PYCDA_UNLABELLED = ("selection0", "selection2", "selection3", "selection4", "selection5")
+"The unlabelled grey Mars images that ship with pycda: the crater dataset's pool of unlabelled scenes."
+
+
+@functools.lru_cache(maxsize=None)
+def _pycda_unlabelled() -> tuple[np.ndarray, ...]:
+    out = []
+    for name in PYCDA_UNLABELLED:
+        a = np.array(Image.open(package_file("pycda", "sample_imgs", f"{name}.png", pin="pycda==0.1.16")).convert("L"))
+        a.setflags(write=False)
+        out.append(a)
+    return tuple(out)
+
+
+def labelled_parts(parts: list[tuple[int, Region]], fraction: float, min_size: tuple[int, int] = (0, 0)
+                   ) -> tuple[list[tuple[int, Region]], list[tuple[int, Region]]]:
+    """Split train `parts` into a labelled rectangle of `fraction` of their area (top-left corner of the largest part,
+    as square as it allows) and the rest (the other parts and the L around the rectangle, pieces of at least
+    `min_size` rows x columns)."""
+    if not 0 < fraction <= 1: raise ValueError(f"the labelled fraction must be in (0, 1], got {fraction}")
+    if fraction == 1: return list(parts), []
+    size = lambda r: (r[1] - r[0]) * (r[3] - r[2])
+    k = max(range(len(parts)), key=lambda i: size(parts[i][1]))
+    scene, (y0, y1, x0, x1) = parts[k]
+    want = fraction * sum(size(r) for _, r in parts)
+    h = min(y1 - y0, max(1, round(math.sqrt(want))))
+    w = max(1, round(want / h))
+    if w > x1 - x0:
+        raise ValueError(f"a labelled fraction {fraction} needs {want:.0f} pixels, more than the largest train part "
+                         f"{(y0, y1, x0, x1)} holds")
+    rest = [p for i, p in enumerate(parts) if i != k] + [(scene, (y0, y1, x0 + w, x1)), (scene, (y0 + h, y1, x0, x0 + w))]
+    fits = lambda r: r[1] - r[0] >= max(min_size[0], 1) and r[3] - r[2] >= max(min_size[1], 1)
+    return [(scene, (y0, y0 + h, x0, x0 + w))], [p for p in rest if fits(p[1])]
+
+
+def semi_supervised(ds: SceneDataset, fraction: float = 1.0, extra: Sequence[np.ndarray] = ()) -> SceneDataset:
+    """`ds` with labels on `fraction` of its train area only (`labelled_parts`; the rest becomes IGNORE) and a split
+    `unlabelled`: the rest of the train area plus the `extra` scenes `[H, W]` or `[C, H, W]` (own statistics)."""
+    R = footprint_radius((ds.tile_size, ds.tile_size))
+    need = _min_extent(ds.tile_size, R)
+    train, rest = labelled_parts(ds.parts["train"], fraction, (need, need))
+    labels = [l.clone() for l in ds.labels]
+    for scene, (y0, y1, x0, x1) in rest: labels[scene][y0:y1, x0:x1] = IGNORE
+    images, instances, names = list(ds.images), list(ds.instances or []), list(ds.scene_names)
+    unlabelled = list(rest)
+    for i, a in enumerate(extra):
+        a = np.asarray(a, np.float32)
+        a = a[None] if a.ndim == 2 else a
+        if a.shape[0] != ds.num_channels:
+            raise ValueError(f"extra scene {i} has {a.shape[0]} channels; {ds.name} has {ds.num_channels}")
+        (x,), _ = _normalize([a], [(0, (0, a.shape[1], 0, a.shape[2]))])
+        unlabelled.append((len(images), (0, a.shape[1], 0, a.shape[2])))
+        images.append(x); labels.append(torch.full(a.shape[1:], IGNORE, dtype=torch.long)); names.append(f"unlabelled{i}")
+        if ds.instances is not None: instances.append(torch.zeros(a.shape[1:], dtype=torch.long))
+    parts = {**ds.parts, "train": train, **({"unlabelled": unlabelled} if unlabelled else {})}
+    objects = ds.objects
+    if objects is not None and rest:
+        objects = objects.copy()
+        for scene, r in rest:
+            hit = (objects.scene == scene).to_numpy() & (point_split(objects.y, objects.x, {"u": r}) == "u")
+            objects.loc[hit, "split"] = "unlabelled"
+    return SceneDataset(ds.name, ds.class_names, images, labels, parts, instances=instances if ds.instances is not None else None,
+                        scene_names=names, tile_size=ds.tile_size, tile_mode=ds.tile_mode, objects=objects,
+                        object_name=ds.object_name, stats=ds.stats)
+
 # %% ../nbs/00_data.ipynb #c047
 DATASETS = {"craters": craters, "nuclei": nuclei, "trees": trees, "folder": folder}
+UNLABELLED_SCENES = {"craters": _pycda_unlabelled}
+"Per dataset, the unlabelled scenes that ship beside it (a function returning arrays)."
 
 
-def load_dataset(name: str, **kw) -> SceneDataset:
-    "Build the dataset called `name` (craters, nuclei, trees or folder), passing `kw` to its builder."
+def load_dataset(name: str, labelled: float = 1.0, unlabelled: bool = False, **kw) -> SceneDataset:
+    """Build the dataset called `name` (craters, nuclei, trees or folder), passing `kw` to its builder; with
+    `labelled` < 1 only that fraction of the train area keeps its labels, and `unlabelled` adds the dataset's
+    unlabelled scenes (`UNLABELLED_SCENES`) to the split `unlabelled` (see `semi_supervised`)."""
     if name not in DATASETS: raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
-    return DATASETS[name](**kw)
+    ds = DATASETS[name](**kw)
+    if labelled == 1 and not unlabelled: return ds
+    return semi_supervised(ds, labelled, UNLABELLED_SCENES.get(name, tuple)() if unlabelled else ())

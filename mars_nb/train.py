@@ -23,7 +23,7 @@ import torch
 import yaml
 from lightning.pytorch.plugins import TorchCheckpointIO
 
-from .data import DATASETS, SPLITS, load_dataset
+from .data import DATASETS, SPLITS, UNLABELLED_SCENES, load_dataset
 from .losses import MarsLoss, gradient_shares, resolve_config
 from .model import PRESET_NAMES, build_model, mask2former_loss, preset_config
 from .taps import tap_meta
@@ -187,6 +187,8 @@ class DataConfig(YamlConfig):
     group: str | None = None          # folder: a regular expression on file names; one group stays in one split
     split_file: str | None = None     # folder: a fixed split, YAML/JSON {train: [stems], val: [...], test: [...]}
     label_map: dict[int, int] | None = None   # folder: mask values rewritten on loading, e.g. {255: 1}
+    labelled: float = 1.0             # the fraction of the train area that keeps its labels (data.semi_supervised)
+    unlabelled: bool = False          # mode mars: a second stream of crops without labels for the consistency terms
 
     def __post_init__(self):
         _need(self.dataset in DATASETS, f"dataset {self.dataset!r} is not one of {list(DATASETS)}")
@@ -200,6 +202,11 @@ class DataConfig(YamlConfig):
         _need(self.crop >= STRIDE and self.crop % STRIDE == 0,
               f"crop {self.crop} must be a positive multiple of {STRIDE} (Mask2Former's coarsest stride), e.g. {lo} or {lo + STRIDE}")
         _need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _need(0 < self.labelled <= 1, f"labelled={self.labelled} must be a fraction in (0, 1], e.g. 0.1 for 10 % of the train area")
+        _need(not self.unlabelled or self.labelled < 1 or self.dataset in UNLABELLED_SCENES,
+              f"unlabelled=True, but with every train pixel labelled {self.dataset!r} has no unlabelled crops: give "
+              f"labelled < 1 (the rest of the train area is then unlabelled) or a dataset with unlabelled scenes "
+              f"({list(UNLABELLED_SCENES)})")
         _need(self.folds is None or (self.folds >= 3 and "folds" in inspect.signature(DATASETS[self.dataset]).parameters),
               f"folds={self.folds}: spatial cross-validation needs folds >= 3 and a dataset that has folds "
               f"({[d for d, f in DATASETS.items() if 'folds' in inspect.signature(f).parameters]})")
@@ -284,14 +291,18 @@ class RunConfig(YamlConfig):
             try: resolved = resolve_config(self.mars or None)
             except ValueError as e: raise ConfigError(f"mars: {e}") from None
             if self.train.mode == "mars": self.mars = resolved     # config.yaml records the stages that trained
+        _need(not self.data.unlabelled or self.train.mode == "mars",
+              f"unlabelled=True feeds crops without labels to the consistency terms, which mode {self.train.mode!r} "
+              "does not have: use mode 'mars' (the outcons control is mode mars with the output preset)")
 
 # %% ../nbs/05_train.ipynb #c014
 class ViewPairs(torch.utils.data.Dataset):
-    "Training pairs `(R_α x, R_β x)` with labels (α = 0 unless `policy1`); item `i` is a pure function of `(seed, i)`."
+    """Training pairs `(R_α x, R_β x)` with labels (α = 0 unless `policy1`); item `i` is a pure function of `(seed, i)`.
+    With `unlabelled`, each item also holds a pair from the split `unlabelled` at the same angles (`u_image1`, ...)."""
     def __init__(self, ds, crop: int, batch_size: int, policy: AnglePolicy, seed: int, split: str = "train",
-                 policy1: AnglePolicy | None = None):
+                 policy1: AnglePolicy | None = None, unlabelled: bool = False):
         self.ds, self.crop, self.batch_size, self.policy, self.seed, self.split = ds, crop, batch_size, policy, seed, split
-        self.policy1 = policy1
+        self.policy1, self.unlabelled = policy1, unlabelled
 
     def angles(self, batch: int) -> tuple[float, float]:
         "The (view-1, view-2) angles shared by global batch `batch`."
@@ -303,6 +314,9 @@ class ViewPairs(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         a1, a2 = self.angles(i // self.batch_size)
         item = self.ds.sample_views(self.split, self.crop, a2, np.random.default_rng([self.seed, i]), angle1=a1)
+        if self.unlabelled:
+            u = self.ds.sample_views("unlabelled", self.crop, a2, np.random.default_rng([self.seed, 0x0B5E, i]), angle1=a1)
+            item.update({f"u_{k}": u[k] for k in ("image1", "label1", "image2", "label2")})
         return {**item, "angle1": a1, "angle2": a2}
 
 
@@ -348,17 +362,18 @@ class ViewPairData(L.LightningDataModule):
         c, t = self.cfg.data, self.cfg.train
         start = self.trainer.global_step if self.trainer is not None else 0
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
-        pairs = ViewPairs(self.ds, c.crop, c.batch_size, t.angles, t.seed, policy1=t.view1_angles)
+        pairs = ViewPairs(self.ds, c.crop, c.batch_size, t.angles, t.seed, policy1=t.view1_angles, unlabelled=c.unlabelled)
         return torch.utils.data.DataLoader(pairs, batch_size=c.batch_size, collate_fn=collate_pairs,
                                            sampler=StepSampler(start, t.steps, c.batch_size, rank, world))
 
 
 def dataset_for(cfg: RunConfig):
-    "The dataset a run trains and evaluates on (with `folds`: fold `seed % folds` of the spatial cross-validation)."
+    """The dataset a run trains and evaluates on (with `folds`: fold `seed % folds` of the spatial cross-validation;
+    with `labelled` < 1 or `unlabelled`: the semi-supervised version, see `data.semi_supervised`)."""
     d = cfg.data
     kw = {"root": d.root, **{k: getattr(d, k) for k in FOLDER_KEYS if getattr(d, k) is not None}} if d.dataset == "folder" else {}
     if cfg.data.folds: kw.update(folds=cfg.data.folds, fold=cfg.train.seed % cfg.data.folds)
-    return load_dataset(cfg.data.dataset, **kw)
+    return load_dataset(cfg.data.dataset, labelled=d.labelled, unlabelled=d.unlabelled, **kw)
 
 # %% ../nbs/05_train.ipynb #c018
 def mars_loss_for(cfg: RunConfig, model):
@@ -397,7 +412,9 @@ class MarsModule(L.LightningModule):
         t.angles.check(batch["angle2"])                  # a hand-made loader must respect the policies too
         if t.view1_angles is not None: t.view1_angles.check(batch["angle1"])
         elif batch["angle1"] != 0: raise ValueError(f"view 1 is upright in this run (no view1_angles), got angle1={batch['angle1']}")
-        return torch.cat([batch["image1"], batch["image2"]]), torch.cat([batch["label1"], batch["label2"]])
+        # unlabelled crops join each view after the labelled ones; their labels are all IGNORE, so only MARS sees them
+        view = lambda k: torch.cat([batch[k], batch[f"u_{k}"]]) if f"u_{k}" in batch else batch[k]
+        return torch.cat([view("image1"), view("image2")]), torch.cat([view("label1"), view("label2")])
 
     def _mars_terms(self, taps, out, batch: dict, image_size) -> dict:
         "The MARS terms of this step: view 2 compared with view 1 through their relative rotation."
@@ -707,15 +724,18 @@ def read_log(run_dir: str | Path):
     return df.groupby("step").last().reset_index()
 
 # %% ../nbs/05_train.ipynb #c032
-RUN_PARAMS = ("name", "dataset", "root", "folds", "class_names", "group", "split_file", "label_map", "mode", "preset",
-              "pretrained", "overrides", "steps", "crop", "batch_size", "lr", "train_angles", "view1_angles",
-              "eval_angles", "eval_split", "seed", "device", "devices", "mars")
+RUN_PARAMS = ("name", "dataset", "root", "folds", "class_names", "group", "split_file", "label_map", "labelled",
+              "unlabelled", "mode", "preset", "pretrained", "overrides", "steps", "crop", "batch_size", "lr", "train_angles",
+              "view1_angles", "eval_angles", "eval_split", "seed", "device", "devices", "mars")
 
 def run_name(params: dict) -> str:
-    "The name a run gets when none is given: `<dataset>-<mode>[-any]` or `<dataset>-mars-<preset>`, then `-s<seed>`."
+    """The name a run gets when none is given: `<dataset>-<mode>[-any]` or `<dataset>-mars-<preset>`, then
+    `-l<percent labelled>` and `-u` (unlabelled stream) where set, then `-s<seed>`."""
     mode, mars = params.get("mode", TrainConfig.mode), params.get("mars")
     preset = mars if isinstance(mars, str) else (mars or {}).get("preset", "custom" if mars else "hybrid")
     what = f"mars-{preset}" if mode == "mars" else f"{mode}-any" if params.get("view1_angles") else mode
+    labelled = params.get("labelled", DataConfig.labelled)
+    what += (f"-l{100 * labelled:g}" if labelled != 1 else "") + ("-u" if params.get("unlabelled") else "")
     return f"{params.get('dataset', DataConfig.dataset)}-{what}-s{params.get('seed', TrainConfig.seed)}"
 
 
@@ -730,7 +750,8 @@ def config_from_params(**params) -> RunConfig:
     if isinstance(mars, str): mars = {"preset": mars}          # mars="hybrid" is short for {"preset": "hybrid"}
     tree = {
         "name": p.get("name"),
-        "data": {k: p[k] for k in ("dataset", "root", "folds", *FOLDER_KEYS, "crop", "batch_size") if k in p},
+        "data": {k: p[k] for k in ("dataset", "root", "folds", *FOLDER_KEYS, "labelled", "unlabelled", "crop", "batch_size")
+                 if k in p},
         "model": {"preset": p.get("preset"), "pretrained": p.get("pretrained"), "overrides": p.get("overrides")},
         "train": {**{k: p[k] for k in ("mode", "steps", "lr", "seed", "device", "devices") if k in p}, "angles": angles,
                   "view1_angles": angles1},

@@ -9,8 +9,8 @@ from PIL import Image
 from scipy import ndimage
 
 from mars_nb.data import (TREE_SCENES, DatasetError, SceneDataset, TileSpec, band_regions, crater_scene, craters,
-                          disc_instances, ellipse_instances, fold_parts, folder, load_dataset, nuclei, quiet_cut,
-                          split_files, split_summary, trees, voc_boxes)
+                          disc_instances, ellipse_instances, fold_parts, folder, labelled_parts, load_dataset, nuclei,
+                          quiet_cut, semi_supervised, split_files, split_summary, trees, voc_boxes)
 from mars_nb.views import IGNORE, footprint_radius, shared_region
 
 
@@ -653,3 +653,62 @@ def test_trees_test_tiles_stay_in_the_test_band(tds):
         assert t.scene == 0 and y0 <= cy - R and cy + R <= y1 and x0 <= cx - R and cx + R <= x1
     up, turned = tds.tile(tiles[0], 0), tds.tile(tiles[0], 90)
     torch.testing.assert_close(turned["image"], torch.rot90(up["image"], 1, dims=(-2, -1)))
+
+
+# ---------------------------------------------------------------- labels for a fraction, unlabelled scenes
+
+
+def test_labelled_parts_by_hand():
+    parts = [(0, (0, 100, 0, 400)), (0, (200, 300, 0, 100))]          # 40 000 + 10 000 pixels
+    lab, rest = labelled_parts(parts, 0.2)                              # 10 000: a 100 x 100 square in the larger part
+    assert lab == [(0, (0, 100, 0, 100))]
+    assert rest == [(0, (200, 300, 0, 100)), (0, (0, 100, 100, 400))]   # the other part, the strip right of the square
+    lab, _ = labelled_parts(parts, 0.5)                                 # 25 000 > 100 rows: full height, 250 columns
+    assert lab == [(0, (0, 100, 0, 250))]
+    assert labelled_parts(parts, 1.0) == (parts, [])
+    _, rest = labelled_parts(parts, 0.2, min_size=(150, 150))          # pieces too small for a crop are left out
+    assert rest == []
+    with pytest.raises(ValueError, match=r"labelled fraction must be in \(0, 1\], got 0"):
+        labelled_parts(parts, 0)
+    with pytest.raises(ValueError, match="more than the largest train part"):
+        labelled_parts([(0, (0, 10, 0, 10)), (0, (20, 30, 0, 10)), (0, (40, 50, 0, 10))], 0.9)
+
+
+@pytest.mark.parametrize("folds", [None, 5])
+def test_semi_supervised_craters(cds, folds):
+    full = cds if folds is None else craters(folds=folds, fold=0)
+    area = lambda ps: sum((y1 - y0) * (x1 - x0) for _, (y0, y1, x0, x1) in ps)
+    rects = []
+    for f in (0.25, 0.10, 0.05):
+        ds = load_dataset("craters", labelled=f, unlabelled=True, **({"folds": folds, "fold": 0} if folds else {}))
+        (_, r), = ds.parts["train"]
+        rects.append(r)
+        assert abs(area(ds.parts["train"]) / area(full.parts["train"]) - f) < 0.01
+        lab, ful = ds.labels[0], full.labels[0]
+        y0, y1, x0, x1 = r
+        assert torch.equal(lab[y0:y1, x0:x1], ful[y0:y1, x0:x1]), "the labelled rectangle keeps its labels"
+        for s in ("val", "test"):
+            assert ds.parts[s] == full.parts[s]
+            for _, (a, b, c, d) in ds.parts[s]:
+                assert torch.equal(lab[a:b, c:d], ful[a:b, c:d]), f"{s} untouched"
+        train_mask = torch.zeros_like(lab, dtype=torch.bool)
+        for _, (a, b, c, d) in full.parts["train"]: train_mask[a:b, c:d] = True
+        train_mask[y0:y1, x0:x1] = False
+        assert (lab[train_mask] == IGNORE).all(), "the rest of the train area is unlabelled"
+        extra = ds.parts["unlabelled"][-5:]
+        assert [i for i, _ in extra] == [1, 2, 3, 4, 5] and len(ds.images) == 6
+        for i, _ in extra:
+            x = ds.images[i]
+            assert abs(float(x.mean())) < 1e-3 and abs(float(x.std()) - 1) < 1e-3, "own statistics"
+            assert (ds.labels[i] == IGNORE).all()
+        u = ds.sample_views("unlabelled", 128, 45.0, np.random.default_rng(3))
+        assert (u["label1"] == IGNORE).all() and (u["label2"] == IGNORE).all()
+        assert (ds.objects.split == "unlabelled").sum() > 0 and (ds.objects.split == "train").sum() > 0
+    # nested: 5 % inside 10 % inside 25 %
+    for (a0, a1, b0, b1), (c0, c1, d0, d1) in zip(rects[1:], rects[:-1]):
+        assert c0 <= a0 and a1 <= c1 and d0 <= b0 and b1 <= d1
+
+
+def test_semi_supervised_refuses_extra_scenes_of_another_channel_count(nds):
+    with pytest.raises(ValueError, match="extra scene 0 has 3 channels; nuclei has 1"):
+        semi_supervised(nds, 0.5, [np.zeros((3, 300, 300), np.float32)])

@@ -5,8 +5,9 @@ import torch
 from safetensors.torch import load_file
 
 from mars_nb.train import (AnglePolicy, ConfigError, DataConfig, EvalConfig, FolderLock, ModelConfig, NonFiniteLoss,
-                           RunConfig, RunLocked, StepSampler, TrainConfig, ViewPairs, check_finite, config_from_params, fit,
-                           load_trained, read_log)
+                           RunConfig, RunLocked, StepSampler, TrainConfig, ViewPairs, check_finite, collate_pairs,
+                           config_from_params, dataset_for, fit, load_trained, read_log)
+from mars_nb.views import IGNORE
 
 
 def test_config_yaml_round_trip(tmp_path):
@@ -182,6 +183,12 @@ def test_two_process_ddp_on_cpu(tmp_path):
     ({"data": {"crop": 100}}, ["crop 100", "multiple of 32", "96 or 128"]),
     ({"data": {"crop": 0}}, ["crop 0", "multiple of 32"]),
     ({"data": {"batch_size": 0}}, ["batch_size must be >= 1, got 0"]),
+    ({"data": {"labelled": 0}}, ["labelled=0", "must be a fraction in (0, 1]"]),
+    ({"data": {"labelled": 1.5}}, ["labelled=1.5", "must be a fraction in (0, 1]"]),
+    ({"data": {"dataset": "nuclei", "unlabelled": True}, "train": {"mode": "mars"}},
+     ["every train pixel labelled 'nuclei' has no unlabelled crops", "labelled < 1", "['craters']"]),
+    ({"data": {"unlabelled": True, "labelled": 0.1}, "train": {"mode": "rotaug"}},
+     ["unlabelled=True feeds crops without labels to the consistency terms", "mode 'rotaug'", "mode 'mars'"]),
     ({"data": {"dataset": "moon"}}, ["'moon'", "['craters', 'nuclei', 'trees', 'folder']"]),
     ({"data": {"dataset": "folder"}}, ["'folder' needs root="]),
     ({"data": {"dataset": "nuclei", "root": "data"}}, ["root='data'", "only read for dataset 'folder'"]),
@@ -448,6 +455,29 @@ def test_params_map_the_new_parameters_onto_the_config():
     assert {"folds", "view1_angles", "eval_split"} <= set(__import__("mars_nb.train").train.RUN_PARAMS)
     with pytest.raises(ConfigError, match="eval split 'holdout'"):
         config_from_params(eval_split="holdout")
+
+
+def test_label_scarce_runs_name_their_regime_and_feed_unlabelled_crops_to_mars_only(tmp_path):
+    from mars_nb.train import MarsModule
+    p = dict(dataset="craters", folds=5, labelled=0.1, unlabelled=True, mode="mars", mars="output", seed=2)
+    cfg = config_from_params(**p)
+    assert cfg.name == "craters-mars-output-l10-u-s2" and cfg.data.labelled == 0.1 and cfg.data.unlabelled
+    assert config_from_params(labelled=0.05, mode="rotaug").name == "craters-rotaug-l5-s0"
+    pairs = ViewPairs(dataset_for(cfg), 64, 2, AnglePolicy("discrete", [90.0]), seed=2, unlabelled=True)
+    items = [pairs[i] for i in range(2)]
+    assert all((it["u_label1"] == IGNORE).all() and (it["u_label2"] == IGNORE).all() for it in items)
+    assert all(torch.equal(it["u_image1"], pairs[i]["u_image1"]) for i, it in enumerate(items)), "pure in (seed, i)"
+    assert not torch.equal(items[0]["u_image1"], items[1]["u_image1"])
+    batch = collate_pairs(items)
+    module = MarsModule(cfg.to_dict(), num_labels=2, num_channels=1)
+    images, labels = module._views(batch)
+    # view 1 (2 labelled, then 2 unlabelled crops), then view 2 in the same order
+    assert images.shape[0] == 8 and torch.equal(images[2:4], batch["u_image1"]) and torch.equal(images[6:], batch["u_image2"])
+    assert (labels[[2, 3, 6, 7]] == IGNORE).all() and (labels[[0, 1, 4, 5]] != IGNORE).any()
+    run = RunConfig.from_dict({**cfg.to_dict(), "data": {**cfg.data.to_dict(), "crop": 64, "batch_size": 2},
+                               "train": {**cfg.train.to_dict(), "steps": 2, "log_every": 1, "ckpt_every": 2}})
+    fit(run, tmp_path, progress=False)
+    assert np.isfinite(read_log(tmp_path)["train/mars/output"].astype(float)).all()
 
 
 def test_mode_mars_records_the_resolved_mars_config(tmp_path):
