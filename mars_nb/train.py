@@ -188,7 +188,7 @@ class DataConfig(YamlConfig):
     split_file: str | None = None     # folder: a fixed split, YAML/JSON {train: [stems], val: [...], test: [...]}
     label_map: dict[int, int] | None = None   # folder: mask values rewritten on loading, e.g. {255: 1}
     labelled: float = 1.0             # the fraction of the train area that keeps its labels (data.semi_supervised)
-    unlabelled: bool = False          # mode mars: a second stream of crops without labels for the consistency terms
+    unlabelled: bool = False          # crops without labels for the consistency terms (mode mars; none and rotaug have none)
 
     def __post_init__(self):
         _need(self.dataset in DATASETS, f"dataset {self.dataset!r} is not one of {list(DATASETS)}")
@@ -291,9 +291,6 @@ class RunConfig(YamlConfig):
             try: resolved = resolve_config(self.mars or None)
             except ValueError as e: raise ConfigError(f"mars: {e}") from None
             if self.train.mode == "mars": self.mars = resolved     # config.yaml records the stages that trained
-        _need(not self.data.unlabelled or self.train.mode == "mars",
-              f"unlabelled=True feeds crops without labels to the consistency terms, which mode {self.train.mode!r} "
-              "does not have: use mode 'mars' (the outcons control is mode mars with the output preset)")
 
 # %% ../nbs/05_train.ipynb #c014
 class ViewPairs(torch.utils.data.Dataset):
@@ -362,7 +359,8 @@ class ViewPairData(L.LightningDataModule):
         c, t = self.cfg.data, self.cfg.train
         start = self.trainer.global_step if self.trainer is not None else 0
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
-        pairs = ViewPairs(self.ds, c.crop, c.batch_size, t.angles, t.seed, policy1=t.view1_angles, unlabelled=c.unlabelled)
+        pairs = ViewPairs(self.ds, c.crop, c.batch_size, t.angles, t.seed, policy1=t.view1_angles,
+                          unlabelled=c.unlabelled and t.mode == "mars")     # only a consistency term can use them
         return torch.utils.data.DataLoader(pairs, batch_size=c.batch_size, collate_fn=collate_pairs,
                                            sampler=StepSampler(start, t.steps, c.batch_size, rank, world))
 
@@ -730,12 +728,12 @@ RUN_PARAMS = ("name", "dataset", "root", "folds", "class_names", "group", "split
 
 def run_name(params: dict) -> str:
     """The name a run gets when none is given: `<dataset>-<mode>[-any]` or `<dataset>-mars-<preset>`, then
-    `-l<percent labelled>` and `-u` (unlabelled stream) where set, then `-s<seed>`."""
+    `-l<percent labelled>` and `-u` (an unlabelled stream, mode mars) where set, then `-s<seed>`."""
     mode, mars = params.get("mode", TrainConfig.mode), params.get("mars")
     preset = mars if isinstance(mars, str) else (mars or {}).get("preset", "custom" if mars else "hybrid")
     what = f"mars-{preset}" if mode == "mars" else f"{mode}-any" if params.get("view1_angles") else mode
     labelled = params.get("labelled", DataConfig.labelled)
-    what += (f"-l{100 * labelled:g}" if labelled != 1 else "") + ("-u" if params.get("unlabelled") else "")
+    what += (f"-l{100 * labelled:g}" if labelled != 1 else "") + ("-u" if params.get("unlabelled") and mode == "mars" else "")
     return f"{params.get('dataset', DataConfig.dataset)}-{what}-s{params.get('seed', TrainConfig.seed)}"
 
 
@@ -746,7 +744,9 @@ def config_from_params(**params) -> RunConfig:
     p = {k: v for k, v in params.items() if v is not None}
     p.setdefault("name", run_name(p))
     policy = lambda a: a if a is None or isinstance(a, dict) else {"kind": "discrete", "values": a}
-    angles, angles1, mars = policy(p.get("train_angles")), policy(p.get("view1_angles")), p.get("mars")
+    angles, angles1, mars = policy(p.get("train_angles")), p.get("view1_angles"), p.get("mars")
+    # view1_angles="same": view 1 drawn from view 2's policy (rotaug-any in a regime that limits the angles)
+    angles1 = (angles or AnglePolicy().to_dict()) if angles1 == "same" else policy(angles1)
     if isinstance(mars, str): mars = {"preset": mars}          # mars="hybrid" is short for {"preset": "hybrid"}
     tree = {
         "name": p.get("name"),
