@@ -9,7 +9,7 @@ STAMP := $(VENV)/.mars_nb-installed
 # Data packages ship real images; their own dependencies pull TensorFlow, so --no-deps.
 DATA_PKGS := pycda==0.1.16 stardist==0.9.2 deepforest==2.1.0
 
-.PHONY: install test reports weights reports-quick export readme print-readme lab bench bench-gpu
+.PHONY: install test reports weights regimes reports-quick export readme print-readme lab bench bench-gpu
 
 install: $(STAMP)
 
@@ -35,6 +35,12 @@ reports: $(STAMP)
 # weights grids/default.yaml uses come from its table.
 weights: $(STAMP)
 	$(VENV)/bin/mars-ablate grids/weights.yaml --jobs $(JOBS)
+
+# The regime study (grids/regimes.yaml, 245 runs): label-scarce craters with unlabelled images, unseen angles, and
+# the trees; writes reports/regimes/. A multi-day job on 2 cores: resumable, and `mars-ablate --shard k/n` splits
+# it over machines that share the folder.
+regimes: $(STAMP)
+	$(VENV)/bin/mars-ablate grids/regimes.yaml --jobs $(JOBS)
 
 reports-quick: $(STAMP)
 	$(VENV)/bin/mars-ablate grids/quick.yaml --jobs $(JOBS)

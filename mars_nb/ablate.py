@@ -333,6 +333,6 @@ def main(argv: list[str] | None = None) -> int:
     if not a.no_report and runs:
         from mars_nb.report import write_report  # noqa: PLC0415
         root = runs[0].out_dir.parent.parent
-        write_report(root)
+        write_report(root, datasets=list(dict.fromkeys(r.dataset for r in runs)))
         print(f"report: {root / 'README.md'} (figures in {root / 'figures'}, every run under {root / 'runs'})")
     return 1 if s["failed"] else 0

@@ -15,24 +15,40 @@ import yaml
 from scipy import stats
 
 # %% auto #0
-__all__ = ['CONTROLS', 'SUMMARY_COLUMNS', 'MDE_FACTOR', 'collect', 'config_order', 'config_colors', 'mean_ci', 'summary_table',
-           'class_iou_markdown', 'to_markdown', 'plot_metric_vs_angle', 'plot_summary_bars', 'collect_features',
-           'plot_feature_consistency', 'plot_training_curves', 'plot_attention_panels', 'mean_fg_iou', 'tile_bootstrap',
-           'run_confusion', 'strongest_control', 'compare', 'comparisons', 'paired_differences', 'verdict', 'reading',
-           'comparisons_markdown', 'write_readme', 'write_report', 'weight_curves', 'choose_weights',
-           'plot_weight_curves', 'weights_section']
+__all__ = ['CONTROLS', 'SUMMARY_COLUMNS', 'MDE_FACTOR', 'ANGLE_SETS', 'seen_angles', 'collect', 'config_order', 'config_colors',
+           'mean_ci', 'summary_table', 'class_iou_markdown', 'to_markdown', 'plot_metric_vs_angle', 'plot_summary_bars',
+           'collect_features', 'plot_feature_consistency', 'plot_training_curves', 'plot_attention_panels',
+           'mean_fg_iou', 'tile_bootstrap', 'run_confusion', 'strongest_control', 'compare', 'comparisons',
+           'regime_effects', 'plot_regime_map', 'paired_differences', 'verdict', 'reading', 'comparisons_markdown',
+           'write_readme', 'write_report', 'weight_curves', 'choose_weights', 'plot_weight_curves', 'weights_section']
 
 # %% ../nbs/08_report.ipynb #c005
+def seen_angles(run_dir: str | Path, angles) -> np.ndarray:
+    """Which evaluation `angles` a run turned its training images to: view 1's (upright unless `view1_angles`) and
+    view 2's policies, modulo 360 (mode `none` sees the upright image only)."""
+    from mars_nb.train import AnglePolicy  # noqa: PLC0415
+    t = (yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}).get("train") or {}
+    policies = [] if t.get("mode", "rotaug") == "none" else [AnglePolicy(**t.get("angles") or {})]
+    if t.get("view1_angles"): policies.append(AnglePolicy(**t["view1_angles"]))
+    return np.array([(t.get("view1_angles") is None and a % 360 == 0) or any(p.covers(a) for p in policies)
+                     for a in np.asarray(angles, float)], dtype=bool)
+
+
 def collect(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    "(summary per run, sweep rows per run and angle) of every finished run under `root/runs`."
+    """(summary per run, sweep rows per run and angle) of every finished run under `root/runs`; runs trained on
+    some orientations only also get their mean foreground IoU over the orientations they saw and did not see."""
     runs, sweeps = [], []
     for done in sorted(Path(root).glob("runs/*/done.json")):
         d = json.loads(done.read_text())
         metrics = json.loads((done.parent / "metrics.json").read_text())
         key = {"run": d["name"], "config": d["config"], "dataset": d["dataset"], "seed": d["seed"]}
-        runs.append({**key, **{k: v for k, v in metrics.items() if k not in ("name", "dataset", "seed")},
+        sweep = pd.read_csv(done.parent / "sweep.csv")
+        seen = seen_angles(done.parent, sweep["angle"])
+        split = {"fg_iou_seen": float(sweep["fg_iou"][seen].mean()), "fg_iou_unseen": float(sweep["fg_iou"][~seen].mean())
+                 } if not seen.all() else {}
+        runs.append({**key, **{k: v for k, v in metrics.items() if k not in ("name", "dataset", "seed")}, **split,
                      "seconds": d.get("seconds")})
-        sweeps.append(pd.read_csv(done.parent / "sweep.csv").assign(**key))
+        sweeps.append(sweep.assign(**key))
     if not runs: raise FileNotFoundError(f"no finished runs (runs/*/done.json) under {root}")
     return pd.DataFrame(runs), pd.concat(sweeps, ignore_index=True)
 
@@ -42,9 +58,12 @@ CONTROLS = ("none", "rotaug", "rotaug-any", "outcons")
 
 
 def config_order(configs) -> list[str]:
-    "The controls first (`none`, `rotaug`, `rotaug-any`, `outcons`), then every other configuration alphabetically."
-    names = sorted(set(configs))
-    return [c for c in CONTROLS if c in names] + [c for c in names if c not in CONTROLS]
+    """The controls first (`none`, `rotaug`, `rotaug-any`, `outcons`), then `mars-<preset>` from the backbone inwards
+    (the order of `losses.PRESETS`), then every other configuration alphabetically."""
+    from mars_nb.losses import PRESETS  # noqa: PLC0415
+    depth = {f"mars-{p}": i for i, p in enumerate(PRESETS)}
+    rest = sorted((c for c in set(configs) if c not in CONTROLS), key=lambda c: (depth.get(c, len(depth)), c))
+    return [c for c in CONTROLS if c in set(configs)] + rest
 
 
 def config_colors(configs) -> dict:
@@ -65,7 +84,8 @@ def mean_ci(x, level: float = 0.95) -> tuple[float, float, int]:
 
 # %% ../nbs/08_report.ipynb #c008
 SUMMARY_COLUMNS = {"fg_iou_0": "IoU 0°", "fg_iou_mean": "IoU mean", "fg_iou_worst": "IoU worst",
-                   "fg_iou_drop": "drop", "miou_mean": "mIoU mean", "consistency_mean": "consistency"}
+                   "fg_iou_drop": "drop", "fg_iou_seen": "IoU seen", "fg_iou_unseen": "IoU unseen",
+                   "miou_mean": "mIoU mean", "consistency_mean": "consistency"}
 
 
 def summary_table(runs: pd.DataFrame, order: list[str] | None = None) -> pd.DataFrame:
@@ -74,7 +94,7 @@ def summary_table(runs: pd.DataFrame, order: list[str] | None = None) -> pd.Data
     for (dataset, config), g in runs.groupby(["dataset", "config"], sort=False):
         row = {"dataset": dataset, "config": config, "n": len(g)}
         for k in SUMMARY_COLUMNS:
-            row[k], row[f"{k}_ci"], _ = mean_ci(g[k])
+            row[k], row[f"{k}_ci"], _ = mean_ci(g[k] if k in g else [])
         rows.append(row)
     df = pd.DataFrame(rows)
     if order: df["_o"] = df["config"].map({c: i for i, c in enumerate(order)}); df = df.sort_values(["dataset", "_o"]).drop(columns="_o")
@@ -103,11 +123,12 @@ def class_iou_markdown(runs: pd.DataFrame, order: list[str] | None = None) -> st
 
 def to_markdown(table: pd.DataFrame) -> str:
     "The summary table as Markdown, foreground IoU columns as mean ± 95% CI."
-    head = ["dataset", "config", "n", *SUMMARY_COLUMNS.values()]
+    cols = [k for k in SUMMARY_COLUMNS if table[k].notna().any()]      # seen/unseen only where some run has them
+    head = ["dataset", "config", "n", *(SUMMARY_COLUMNS[k] for k in cols)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     fmt = lambda m, h: "–" if not np.isfinite(m) else (f"{m:.3f}" if not np.isfinite(h) else f"{m:.3f} ± {h:.3f}")
     for _, r in table.iterrows():
-        cells = [r["dataset"], r["config"], str(r["n"])] + [fmt(r[k], r[f"{k}_ci"]) for k in SUMMARY_COLUMNS]
+        cells = [r["dataset"], r["config"], str(r["n"])] + [fmt(r[k], r[f"{k}_ci"]) for k in cols]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -288,33 +309,87 @@ def strongest_control(table: pd.DataFrame, dataset: str, metric: str = "fg_iou_m
     return None if t.empty else str(t.sort_values(metric)["config"].iloc[-1])
 
 
-def compare(root: str | Path, runs: pd.DataFrame, config: str, control: str, dataset: str, n: int = 2000) -> dict:
-    """`config` minus `control` on `dataset` in mean foreground IoU over angles, paired by replicate (seed or fold)
-    and test tile: point difference, 95 % bootstrap interval, standard error, smallest detectable effect, replicates."""
+ANGLE_SETS = ("all", "unseen")
+"Which evaluation angles a comparison averages over: all of them, or those neither run was trained on."
+
+
+def compare(root: str | Path, runs: pd.DataFrame, config: str, control: str, dataset: str, n: int = 2000,
+            angles: str = "all") -> dict:
+    """`config` minus `control` on `dataset` in mean foreground IoU over `angles` ('all', or 'unseen' by both), paired
+    by replicate (seed or fold) and test tile: point difference, 95 % bootstrap interval, standard error, smallest
+    detectable effect, replicates."""
+    if angles not in ANGLE_SETS: raise ValueError(f"angles {angles!r} is not one of {ANGLE_SETS}")
     root = Path(root)
     d = runs[runs["dataset"] == dataset]
     a, b = (d[d["config"] == c].set_index("seed")["run"] for c in (config, control))
     seeds = sorted(set(a.index) & set(b.index))
     ca, cb = ([run_confusion(root, s[i]) for i in seeds] for s in (a, b))
-    if not seeds or any(x is None for x in ca + cb):
-        return {"config": config, "control": control, "dataset": dataset, "n": len(seeds), "diff": float("nan"),
-                "lo": float("nan"), "hi": float("nan"), "se": float("nan"), "mde": float("nan")}
+    row = {"config": config, "control": control, "dataset": dataset, "angles": angles, "n": len(seeds)}
+    nothing = {"diff": float("nan"), "lo": float("nan"), "hi": float("nan"), "se": float("nan"), "mde": float("nan")}
+    if not seeds or any(x is None for x in ca + cb): return {**row, **nothing}
     ca, cb = np.stack(ca), np.stack(cb)
+    if angles == "unseen":
+        at = np.load(root / "runs" / a[seeds[0]] / "tiles.npz")["angles"]
+        keep = ~(seen_angles(root / "runs" / a[seeds[0]], at) | seen_angles(root / "runs" / b[seeds[0]], at))
+        if not keep.any(): return {**row, **nothing}
+        ca, cb = ca[:, keep], cb[:, keep]
     boot = tile_bootstrap(ca, cb, shared_tiles=_shares_tiles(root, a[seeds[0]]), n=n)
     se = float(boot.std(ddof=1))
-    return {"config": config, "control": control, "dataset": dataset, "n": len(seeds), "diff": _point(ca) - _point(cb),
-            "lo": float(np.percentile(boot, 2.5)), "hi": float(np.percentile(boot, 97.5)), "se": se, "mde": MDE_FACTOR * se}
+    return {**row, "diff": _point(ca) - _point(cb), "lo": float(np.percentile(boot, 2.5)),
+            "hi": float(np.percentile(boot, 97.5)), "se": se, "mde": MDE_FACTOR * se}
 
 
 def comparisons(root: str | Path, runs: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
-    "Every configuration against `rotaug` and against the strongest control of its dataset (see `compare`)."
+    """Every configuration against `rotaug` and against the strongest control of its dataset (see `compare`), over
+    all angles and, where the runs were trained on some orientations only, over the unseen ones too."""
     rows = []
     for dataset in dict.fromkeys(runs["dataset"]):
         strong = strongest_control(table, dataset)
+        d = runs[(runs["dataset"] == dataset) & (runs["config"] != "none")]
+        sets = ANGLE_SETS if "fg_iou_unseen" in d and d["fg_iou_unseen"].notna().any() else ("all",)
         for config in config_order(runs[runs["dataset"] == dataset]["config"]):
             for control in dict.fromkeys(c for c in ("rotaug", strong) if c and c != config):
-                rows.append(compare(root, runs, config, control, dataset))
+                rows += [compare(root, runs, config, control, dataset, angles=s) for s in sets]
     return pd.DataFrame(rows)
+
+# %% ../nbs/08_report.ipynb #n81e86dc
+def regime_effects(comps: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    """Per dataset (regime) and non-control configuration: the comparison with the strongest control, over the unseen
+    angles where the regime has them, else over all angles (rows of `comparisons`)."""
+    rows = []
+    for dataset in dict.fromkeys(comps["dataset"]):
+        c = comps[comps["dataset"] == dataset]
+        strong = strongest_control(table, dataset)
+        angles = "unseen" if "angles" in c and (c["angles"] == "unseen").any() else "all"
+        if "angles" in c: c = c[c["angles"] == angles]
+        c = c[(c["control"] == strong) & ~c["config"].isin(CONTROLS)]
+        rows += [{**r, "angles": angles} for r in c.to_dict("records")]
+    return pd.DataFrame(rows)
+
+
+def plot_regime_map(effects: pd.DataFrame, order: list[str] | None = None):
+    "Heat map of `regime_effects`: difference to the strongest control, its interval and detectable effect per cell."
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    from matplotlib.patches import Rectangle  # noqa: PLC0415
+    regimes = list(dict.fromkeys(effects["dataset"]))
+    configs = [c for c in (order or config_order(effects["config"])) if c in set(effects["config"])]
+    diff = np.full((len(regimes), len(configs)), np.nan)
+    for r in effects.itertuples(): diff[regimes.index(r.dataset), configs.index(r.config)] = r.diff
+    lim = max(float(np.nanmax(np.abs(effects[["lo", "hi"]].to_numpy()))), 1e-3)
+    fig, ax = plt.subplots(figsize=(1.7 * len(configs) + 2.6, 0.85 * len(regimes) + 1.4))
+    im = ax.imshow(diff, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
+    for r in effects.itertuples():
+        i, j = regimes.index(r.dataset), configs.index(r.config)
+        ax.text(j, i, f"{r.diff:+.3f}\n[{r.lo:+.3f}, {r.hi:+.3f}]\n≥ {r.mde:.3f}", ha="center", va="center", fontsize=7)
+        if r.lo > 0 or r.hi < 0: ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=2, ec="k"))
+    label = lambda d: (lambda e: f"{d}\nvs {e.control.iloc[0]}" + (" (unseen angles)" if e.angles.iloc[0] == "unseen" else ""))(
+        effects[effects["dataset"] == d])
+    ax.set_xticks(range(len(configs)), configs, rotation=20, ha="right", fontsize=8)
+    ax.set_yticks(range(len(regimes)), [label(d) for d in regimes], fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02).set_label("Δ mean foreground IoU vs the strongest control", fontsize=8)
+    ax.set_title("Where does a tap beat the strongest control? (cell: Δ, 95 % interval, detectable effect)", fontsize=9)
+    fig.tight_layout()
+    return fig
 
 # %% ../nbs/08_report.ipynb #c016
 def paired_differences(runs: pd.DataFrame, metric: str = "fg_iou_mean", control: str = "rotaug") -> pd.DataFrame:
@@ -352,8 +427,10 @@ def reading(runs: pd.DataFrame, table: pd.DataFrame, comps: pd.DataFrame | None 
                          f"{t.loc['rotaug', 'fg_iou_mean']:.3f} on average over angles (worst {t.loc['rotaug', 'fg_iou_worst']:.3f}).")
         c = comps[comps["dataset"] == dataset] if comps is not None and len(comps) else pd.DataFrame()
         if len(c) and c["lo"].notna().any():
-            for control, g in c.groupby("control", sort=False):
-                lines.append(f"Mean IoU over angles minus `{control}` (paired by replicate and test tile, 95 % bootstrap "
+            if "angles" not in c: c = c.assign(angles="all")
+            for (control, angles), g in c.groupby(["control", "angles"], sort=False):
+                over = "over angles" if angles == "all" else "over the angles no run was trained on"
+                lines.append(f"Mean IoU {over} minus `{control}` (paired by replicate and test tile, 95 % bootstrap "
                              "interval, smallest detectable effect):")
                 lines += [f"- `{r.config}`: {verdict(r.diff, r.lo, r.hi, r.n, r.mde)}" for r in g.itertuples()]
         else:
@@ -366,20 +443,24 @@ def reading(runs: pd.DataFrame, table: pd.DataFrame, comps: pd.DataFrame | None 
 
 
 def comparisons_markdown(comps: pd.DataFrame) -> str:
-    "The comparison table: difference, 95 % interval, smallest detectable effect, replicates."
-    head = "| dataset | config | minus | difference | 95 % interval | detectable ≥ | n |\n|---|---|---|---|---|---|---|\n"
-    return head + "".join(f"| {r.dataset} | {r.config} | {r.control} | {r.diff:+.3f} | [{r.lo:+.3f}, {r.hi:+.3f}] | "
-                          f"{r.mde:.3f} | {r.n} |\n" for r in comps.itertuples())
+    "The comparison table: difference, 95 % interval, smallest detectable effect, replicates (and angles, if not all)."
+    some = "angles" in comps and (comps["angles"] != "all").any()
+    head = ("| dataset | config | minus |" + (" angles |" if some else "") + " difference | 95 % interval | detectable ≥ | n |\n"
+            + "|---" * (7 + some) + "|\n")
+    return head + "".join(f"| {r.dataset} | {r.config} | {r.control} |" + (f" {r.angles} |" if some else "")
+                          + f" {r.diff:+.3f} | [{r.lo:+.3f}, {r.hi:+.3f}] | {r.mde:.3f} | {r.n} |\n" for r in comps.itertuples())
 
 
 def write_readme(root: Path, runs: pd.DataFrame, table: pd.DataFrame, figures: list[str], extra: str = "",
                  comps: pd.DataFrame | None = None):
     "reports/README.md: the table, the comparisons, the reading and every figure."
     seeds = sorted(int(s) for s in runs["seed"].unique())
+    classes = [c[4:-5] for c in runs.columns if c.startswith("iou_") and c.endswith("_mean") and c != "iou_background_mean"]
     text = [f"# Results\n", f"{runs['run'].nunique()} runs: {runs['config'].nunique()} configurations × "
             f"{runs['dataset'].nunique()} datasets × replicates {seeds} (seeds; with spatial cross-validation the seed "
             "also picks the fold). Summary: mean ± 95% confidence interval over replicates (Student t). IoU is the "
-            "foreground IoU — the mean IoU of the non-background classes (crater; nucleus) — on held-out test tiles.\n",
+            f"foreground IoU — the mean IoU of the non-background classes ({'; '.join(classes) or 'all but background'}) "
+            "— on held-out test tiles.\n",
             "![foreground IoU vs angle](figures/iou_vs_angle.png)\n", "## Summary\n", to_markdown(table)]
     per_class = class_iou_markdown(runs, list(dict.fromkeys(table["config"])))
     if per_class:
@@ -394,9 +475,9 @@ def write_readme(root: Path, runs: pd.DataFrame, table: pd.DataFrame, figures: l
 
 # %% ../nbs/08_report.ipynb #c018
 def write_report(root: str | Path, order: list[str] | None = None, panels: bool = True,
-                 dest: str | Path | None = None) -> pd.DataFrame:
+                 dest: str | Path | None = None, datasets: list[str] | None = None) -> pd.DataFrame:
     """Every figure under `dest/figures`, `summary.csv`, `summary.md`, `runs.csv` and `README.md` for the runs
-    under `root` (`dest`: where the report goes, default `root` itself)."""
+    under `root` (`dest`: where the report goes, default `root` itself; `datasets`: the regime map's row order)."""
     import matplotlib.pyplot as plt  # noqa: PLC0415
     root = Path(root)
     runs, sweeps = collect(root)
@@ -427,7 +508,16 @@ def write_report(root: str | Path, order: list[str] | None = None, panels: bool 
     table.to_csv(out / "summary.csv", index=False)
     (out / "summary.md").write_text(to_markdown(table))
     runs.to_csv(out / "runs.csv", index=False)
-    if len(comps): comps.to_csv(out / "comparisons.csv", index=False)
+    if len(comps):
+        comps.to_csv(out / "comparisons.csv", index=False)
+        effects = regime_effects(comps, table)
+        if datasets and len(effects):
+            rank = {d: i for i, d in enumerate(datasets)}
+            effects = effects.sort_values("dataset", key=lambda s: s.map(lambda d: rank.get(d, len(rank))), kind="stable")
+        if len(effects):
+            fig = plot_regime_map(effects, order)
+            fig.savefig(figdir / "regime_map.png", dpi=120, bbox_inches="tight"); plt.close(fig)
+            figs["regime_map.png"] = None
     extra = weights_section(root, figdir) if any("-x" in c for c in runs["config"]) else ""
     write_readme(out, runs, table, list(figs), comps=comps, extra=extra)
     return table

@@ -156,6 +156,12 @@ class AnglePolicy(YamlConfig):
         if not ok: raise ConfigError(f"angle {angle} is outside the policy {self.kind} {self.values}")
         return angle
 
+    def covers(self, orientation: float) -> bool:
+        "Whether this policy can turn an image to `orientation` (degrees, modulo 360)."
+        if self.kind == "discrete": return any((v - orientation) % 360 == 0 for v in self.values)
+        lo, hi = self.values
+        return (orientation - lo) % 360 < hi - lo or hi - lo >= 360
+
 # %% ../nbs/05_train.ipynb #c010
 MODES = ("none", "rotaug", "mars")
 STRIDE = 32        # Mask2Former's coarsest stride: training crops are a multiple of it

@@ -260,3 +260,23 @@ def test_the_grid_bar_names_runs_and_their_steps(tmp_path):
     (tmp_path / "r" / "logs" / "attempt0" / "metrics.csv").write_text("epoch,step,train/loss\n0,9,1.0\n0,19,0.9\n")
     (tmp_path / "r" / "logs" / "attempt1" / "metrics.csv").write_text("epoch,step,train/loss\n0,229,0.5\n0,239,0.4\n")
     assert run_step(r) == "step 240/600"                                   # the latest attempt's last step
+
+
+@pytest.mark.parametrize("name", ["default", "quick", "weights", "regimes"])
+def test_the_committed_grids_expand(name):
+    "Every grid in grids/ is valid: each of its runs' parameters builds a configuration."
+    from conftest import ROOT
+    runs = load_grid(ROOT / "grids" / f"{name}.yaml")
+    assert runs and len({r.name for r in runs}) == len(runs)
+
+
+def test_the_regime_grid_offers_unlabelled_crops_where_labels_are_scarce():
+    from conftest import ROOT
+    from mars_nb.train import config_from_params
+    runs = {r.name: config_from_params(**r.params) for r in load_grid(ROOT / "grids" / "regimes.yaml")}
+    assert len(runs) == 7 * 7 * 5
+    l10 = runs["craters-l10-mars-pixel-s3"]
+    assert l10.data.labelled == 0.1 and l10.data.unlabelled and l10.data.folds == 5
+    unseen = runs["craters-unseen-rotaug-any-s0"]
+    assert unseen.train.angles.values == unseen.train.view1_angles.values == [-45.0, 45.0]
+    assert not runs["trees-l100-outcons-s0"].data.unlabelled and runs["trees-l10-outcons-s0"].data.labelled == 0.1

@@ -103,8 +103,10 @@ def _fg_iou(conf):
     return (tp / (tp + fn + fp)).mean(-1)
 
 
-def _fake_root(root, configs, seeds=(0, 1, 2), tiles=6, angles=(0.0, 90.0), without_tiles=()):
-    "Finished runs of made-up per-tile counts: config -> true positives added per tile (better configs, more)."
+def _fake_root(root, configs, seeds=(0, 1, 2), tiles=6, angles=(0.0, 90.0), without_tiles=(), dataset="craters",
+               train=None):
+    """Finished runs of made-up per-tile counts: config -> true positives added per tile (better configs, more);
+    `train`: the runs' TrainConfig (its angle policy decides which angles they saw)."""
     import numpy as np
     import pandas as pd
     from mars_nb.evaluate import write_sweep
@@ -122,12 +124,13 @@ def _fake_root(root, configs, seeds=(0, 1, 2), tiles=6, angles=(0.0, 90.0), with
             bg = pooled[:, 0, 0] / (pooled[:, 0, 0] + pooled[:, 1, 0] + pooled[:, 0, 1])
             df = pd.DataFrame({"angle": list(angles), "miou": (fg + bg) / 2, "fg_iou": fg, "consistency": 1.0,
                                "n_tiles": tiles, "iou_background": bg, "iou_crater": fg})
-            name = f"craters-{config}-s{seed}"
+            name = f"{dataset}-{config}-s{seed}"
             out = root / "runs" / name
-            write_sweep(df, out, extra={"name": name, "dataset": "craters", "seed": seed},
+            write_sweep(df, out, extra={"name": name, "dataset": dataset, "seed": seed},
                         confusion=None if config in without_tiles else conf)
-            RunConfig(name=name, data=DataConfig(dataset="craters")).to_yaml(out / "config.yaml")
-            (out / "done.json").write_text(json.dumps({"name": name, "config": config, "dataset": "craters", "seed": seed}))
+            kw = {"train": train} if train is not None else {}
+            RunConfig(name=name, data=DataConfig(dataset="craters"), **kw).to_yaml(out / "config.yaml")
+            (out / "done.json").write_text(json.dumps({"name": name, "config": config, "dataset": dataset, "seed": seed}))
     return root
 
 
@@ -164,6 +167,38 @@ def test_comparisons_read_each_config_against_rotaug_and_the_strongest_control(t
     readme = (tmp_path / "out" / "README.md").read_text()
     assert (tmp_path / "out" / "comparisons.csv").exists() and "## Comparisons" in readme
     assert "- `mars-x`: helps: +" in readme and "detectable ≥" in readme
+
+
+def test_a_regime_trained_on_some_angles_is_read_on_the_angles_it_never_saw(tmp_path):
+    import numpy as np
+    import pandas as pd
+    from mars_nb.report import collect, comparisons, regime_effects, seen_angles, summary_table, write_report
+    from mars_nb.train import AnglePolicy, TrainConfig
+    angles = (0.0, 30.0, 90.0, 180.0, 270.0, 330.0)
+    limited = TrainConfig(mode="rotaug", angles=AnglePolicy("range", [-45.0, 45.0]))
+    root = _fake_root(tmp_path / "g", {"rotaug": 0, "outcons": 5, "mars-x": 15}, angles=angles, dataset="craters-unseen",
+                      train=limited)
+    _fake_root(root, {"rotaug": 0, "rotaug-any": 3, "mars-x": -6}, angles=angles, dataset="craters-full",
+               train=TrainConfig(mode="rotaug", angles=AnglePolicy("range", [0.0, 360.0])))
+    run = root / "runs" / "craters-unseen-rotaug-s0"
+    np.testing.assert_array_equal(seen_angles(run, angles), [True, True, False, False, False, True])   # -45..45 mod 360
+    runs, _ = collect(root)
+    u = runs[runs["dataset"] == "craters-unseen"]
+    sw = pd.read_csv(run / "sweep.csv")
+    assert u.set_index("run").loc["craters-unseen-rotaug-s0", "fg_iou_unseen"] == sw["fg_iou"][[2, 3, 4]].mean()
+    assert runs[runs["dataset"] == "craters-full"]["fg_iou_unseen"].isna().all(), "seen everything: no split"
+    table = summary_table(runs)
+    comps = comparisons(root, runs, table)
+    assert set(comps[comps["dataset"] == "craters-unseen"]["angles"]) == {"all", "unseen"}
+    assert set(comps[comps["dataset"] == "craters-full"]["angles"]) == {"all"}
+    eff = regime_effects(comps, table).set_index("dataset")
+    assert eff.loc["craters-unseen", "angles"] == "unseen" and eff.loc["craters-unseen", "control"] == "outcons"
+    assert eff.loc["craters-full", "control"] == "rotaug-any" and eff.loc["craters-full", "hi"] < 0
+    assert list(eff["config"]) == ["mars-x", "mars-x"], "controls are the reference, not cells"
+    write_report(root, panels=False)
+    readme = (root / "README.md").read_text()
+    assert (root / "figures" / "regime_map.png").exists() and "regime_map.png" in readme
+    assert "IoU unseen" in readme and "over the angles no run was trained on" in readme and "| unseen |" in readme
 
 
 def test_explore_finds_the_repository_from_anywhere_and_says_how_to_get_weights(tmp_path):

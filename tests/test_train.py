@@ -51,6 +51,15 @@ def test_angle_policy_check():
         AnglePolicy("range", [0, 30]).check(30.0)
 
 
+def test_angle_policy_covers_orientations_modulo_360():
+    ahead = AnglePolicy("range", [-45.0, 45.0])
+    assert [ahead.covers(a) for a in (0, 30, 44.9, 45, 90, 180, 314.9, 315, 330, 360, -30)] == \
+           [True, True, True, False, False, False, False, True, True, True, True]
+    assert AnglePolicy("range", [0.0, 360.0]).covers(359.9) and AnglePolicy("range", [-360.0, 360.0]).covers(123)
+    quarter = AnglePolicy()                                     # discrete 90, 180, 270
+    assert [quarter.covers(a) for a in (0, 90, -90, 450, 45)] == [False, True, True, True, False]
+
+
 def test_params_map_onto_the_config():
     c = config_from_params(dataset="nuclei", mode="none", steps=9, train_angles={"kind": "range", "values": [0, 360]},
                            eval_angles=[0, 90], overrides={"num_queries": 4})
