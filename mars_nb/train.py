@@ -252,6 +252,7 @@ class TrainConfig(YamlConfig):
     device: str = "auto"              # auto | cpu | cuda
     devices: int = 1                  # processes (DDP when > 1)
     precision: str = "auto"           # auto: bf16-mixed on CUDA, 32-true on CPU
+    channels_last: bool = False       # convolutions on channels-last tensors (oneDNN's fast layout on CPU; same maths)
     ckpt_every: int = 100
     log_every: int = 10
     share_every: int = 50             # mode mars: log each stage's gradient share every this many steps (0: never)
@@ -397,6 +398,8 @@ class MarsModule(L.LightningModule):
                                  pretrained=m.pretrained, **m.overrides)
         self.num_labels = num_labels
         self.mars = mars_loss_for(self.cfg, self.model)
+        self.layout = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
+        if self.cfg.train.channels_last: self.model.to(memory_format=torch.channels_last)
 
     def forward(self, images: torch.Tensor):
         return self.model(pixel_values=images)
@@ -429,6 +432,7 @@ class MarsModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int):
         images, labels = self._views(batch)
+        images = images.contiguous(memory_format=self.layout)
         terms, ctx = {}, self.mars.taps(self.model) if self.mars is not None else contextlib.nullcontext()
         with ctx as taps:
             out = self.model(pixel_values=images, output_auxiliary_logits=True)
@@ -454,7 +458,7 @@ class MarsModule(L.LightningModule):
     def configure_optimizers(self):
         t = self.cfg.train
         params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, foreach=True)   # = the loop, bit for bit
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_poly(s, t.warmup, t.steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

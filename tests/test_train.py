@@ -115,6 +115,20 @@ def _weights(d):
     return load_file(str(d / "model.safetensors"))
 
 
+def test_channels_last_trains_the_same_model_up_to_rounding(tmp_path):
+    "The fast memory layout changes how convolutions add up, not what they compute."
+    fit(_cfg(3), tmp_path / "a", progress=False)
+    fast = RunConfig.from_dict({**_cfg(3).to_dict(), "train": {**_cfg(3).train.to_dict(), "channels_last": True}})
+    fit(fast, tmp_path / "b", progress=False)
+    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert wa.keys() == wb.keys()
+    norm = lambda ws: sum(float((w.float() ** 2).sum()) for k, w in ws.items() if w.is_floating_point()) ** 0.5
+    moved = norm({k: wa[k] - wb[k] for k in wa}) / norm(wa)
+    assert 0 < moved < 1e-4, moved          # not the same bits (Adam magnifies rounding in tiny gradients), the same model
+    la, lb = (read_log(tmp_path / d)["train/loss"].astype(float).to_numpy() for d in "ab")
+    assert np.allclose(la, lb, rtol=1e-4)
+
+
 def test_same_seed_same_numbers_and_exact_resume(tmp_path):
     fit(_cfg(4), tmp_path / "a", progress=False)
     fit(_cfg(4), tmp_path / "b", progress=False)
