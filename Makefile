@@ -36,7 +36,7 @@ reports: $(STAMP)
 weights: $(STAMP)
 	$(VENV)/bin/mars-ablate grids/weights.yaml --jobs $(JOBS)
 
-# The regime study (grids/regimes.yaml, 245 runs): label-scarce craters with unlabelled images, unseen angles, and
+# The regime study (grids/regimes.yaml, 280 runs): label-scarce craters with unlabelled images, unseen angles, and
 # the trees; writes reports/regimes/. A multi-day job on 2 cores: resumable, and `mars-ablate --shard k/n` splits
 # it over machines that share the folder.
 regimes: $(STAMP)

@@ -27,8 +27,8 @@ from .views import align_attention, crop_extent, match_queries, warp_back
 __all__ = ['STAGE_KINDS', 'DISTANCES', 'DEFAULT_STAGES', 'PRESETS', 'PRESET_NAMES', 'GRADIENT_MODES', 'MATCHING_MODES',
            'TOP_DEFAULTS', 'Distance', 'distance', 'get_distance', 'cosine_map', 'cosine_distance', 'mse_distance',
            'smooth_l1_distance', 'feature_distance', 'infonce_distance', 'attention_js', 'attention_kl',
-           'attention_mse', 'attention_distance', 'output_js', 'output_kl', 'MarsPooled', 'block_rows',
-           'stage_distances', 'mars_preset', 'StageSpec', 'resolve_config', 'MarsLoss', 'gradient_shares']
+           'attention_mse', 'attention_distance', 'output_js', 'output_kl', 'output_pseudo_label', 'MarsPooled',
+           'block_rows', 'stage_distances', 'mars_preset', 'StageSpec', 'resolve_config', 'MarsLoss', 'gradient_shares']
 
 # %% ../nbs/04_losses.ipynb #c005
 def _pixel_weights(valid: Tensor | None, like: Tensor) -> Tensor:
@@ -274,6 +274,19 @@ def output_kl(p1: Tensor, p2: Tensor, valid: Tensor | None = None, eps: float = 
     _check_pair(p1, p2, "output kl", (4,))
     return _masked_mean(_kl(p1, p2, 1, eps), _pixel_weights(valid, p1))
 
+# %% ../nbs/04_losses.ipynb #n7fc255f
+@distance("output", "pseudo_label")
+def output_pseudo_label(p1: Tensor, p2: Tensor, valid: Tensor | None = None,
+                        threshold: float = 0.95,   # view 1's top-class probability that makes a pixel a pseudo-label
+                        eps: float = 1e-8) -> Tensor:
+    """Cross-entropy of view 2's class distribution against view 1's top class where view 1 is confident (no
+    gradient into view 1), summed over those valid pixels, divided by all valid pixels."""
+    _check_pair(p1, p2, "output pseudo_label", (4,))
+    with torch.no_grad(): conf, target = p1.max(1)
+    wts = _pixel_weights(valid, p1)
+    ce = -torch.log(p2.gather(1, target[:, None])[:, 0] + eps)
+    return (torch.where((wts > 0) & (conf >= threshold), ce, 0.0) * wts).sum() / wts.sum().clamp_min(1.0)
+
 # %% ../nbs/04_losses.ipynb #c019
 def _masked_gem(x: Tensor, wts: Tensor, dims: tuple[int, ...], p: Tensor, floor: Tensor) -> Tensor:
     "GeM pooling of `x` [B,C,h,w] over `dims` restricted to pixels with weight 1 (`wts` [B,1,h,w]); values below `floor` clamped."
@@ -379,6 +392,7 @@ PRESETS: dict[str, dict[str, dict]] = {
     "hybrid": {"backbone": {}, "pixel_decoder": {}, "attention": {}},
     "paper": {"backbone": {"weight": 0.15, "distance": "mars_pooled", "taps": ["res2", "res3", "res4", "res5"]}},
     "output": {"output": {}},
+    "pseudo": {"output": {"weight": 1.0, "distance": "pseudo_label"}},
 }
 "Each preset's stages, as overrides of `DEFAULT_STAGES`."
 

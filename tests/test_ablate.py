@@ -274,7 +274,7 @@ def test_the_regime_grid_offers_unlabelled_crops_where_labels_are_scarce():
     from conftest import ROOT
     from mars_nb.train import config_from_params
     runs = {r.name: config_from_params(**r.params) for r in load_grid(ROOT / "grids" / "regimes.yaml")}
-    assert len(runs) == 7 * 7 * 5
+    assert len(runs) == 7 * 8 * 5
     l10 = runs["craters-l10-mars-pixel-s3"]
     assert l10.data.labelled == 0.1 and l10.data.unlabelled and l10.data.folds == 5
     unseen = runs["craters-unseen-rotaug-any-s0"]

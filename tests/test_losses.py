@@ -119,7 +119,7 @@ def test_registry_contents_and_stage_kinds():
     assert {s: stage_distances(s) for s in STAGES} == {
         "backbone": ("cosine", "mse", "smooth_l1", "infonce", "mars_pooled"),
         "pixel_decoder": ("cosine", "mse", "smooth_l1", "infonce", "mars_pooled"),
-        "attention": ("js", "kl", "mse"), "output": ("js", "kl")}
+        "attention": ("js", "kl", "mse"), "output": ("js", "kl", "pseudo_label")}
     for kind, table in DISTANCES.items():
         for name, d in table.items():
             assert isinstance(d, Distance) and d.name == name and d.kind == kind
@@ -686,7 +686,7 @@ def test_zero_weight_stage_is_logged_without_gradient():
 
 
 def test_presets():
-    assert set(PRESET_NAMES) == {"backbone", "pixel", "attention", "hybrid", "paper", "output"}
+    assert set(PRESET_NAMES) == {"backbone", "pixel", "attention", "hybrid", "paper", "output", "pseudo"}
     h = mars_preset("hybrid")["stages"]
     assert {s: v["weight"] for s, v in h.items()} == {"backbone": 0.05, "pixel_decoder": 0.10, "attention": 0.15}
     assert h["backbone"]["taps"] == ["res4", "res5"] and h["attention"]["taps"] == "all"
@@ -698,6 +698,7 @@ def test_presets():
     p = mars_preset("paper")["stages"]
     assert p == {"backbone": {"weight": 0.15, "distance": "mars_pooled", "taps": ["res2", "res3", "res4", "res5"]}}
     assert mars_preset("output")["stages"] == {"output": {"weight": 0.10, "distance": "js", "taps": "all"}}
+    assert mars_preset("pseudo")["stages"] == {"output": {"weight": 1.0, "distance": "pseudo_label", "taps": "all"}}
     assert MarsLoss().config() == resolve_config("hybrid") == resolve_config({}) == resolve_config(None)
     # one cell of margin by default, in every preset and in a bare stage mapping
     assert TOP_DEFAULTS["margin"] == 1.0 and MarsLoss().margin == 1.0
@@ -931,3 +932,27 @@ def test_half_precision_inputs_and_autocast():
         assert half[k].dtype == torch.float32 and auto[k].dtype == torch.float32
         assert auto[k].item() == pytest.approx(ref[k].item(), rel=1e-6)
         assert half[k].item() == pytest.approx(ref[k].item(), rel=5e-2, abs=1e-3)
+
+
+def test_pseudo_labels_against_a_loop():
+    "FixMatch-style pseudo-labels: per pixel, by hand; confident pixels only; divided by every valid pixel."
+    import math
+    from mars_nb.losses import output_pseudo_label
+    g = torch.Generator().manual_seed(0)
+    p1 = torch.softmax(3 * torch.randn(2, 3, 5, 6, generator=g), 1)
+    p2 = torch.softmax(torch.randn(2, 3, 5, 6, generator=g), 1).requires_grad_()
+    valid = torch.rand(2, 5, 6, generator=g) > 0.3
+    total, n = 0.0, 0
+    for b in range(2):
+        for i in range(5):
+            for j in range(6):
+                if not valid[b, i, j]: continue
+                n += 1
+                k = int(p1[b, :, i, j].argmax())
+                if p1[b, k, i, j] >= 0.9: total += -math.log(float(p2[b, k, i, j]) + 1e-8)
+    got = output_pseudo_label(p1, p2, valid, threshold=0.9)
+    assert 0 < total and abs(float(got) - total / n) < 1e-5
+    got.backward()
+    assert (p2.grad[~valid[:, None].expand_as(p2)] == 0).all()
+    p1g = p1.clone().requires_grad_()
+    assert not output_pseudo_label(p1g, p2.detach(), valid).requires_grad, "no gradient into the upright view"
