@@ -651,7 +651,7 @@ def test_folds_train_on_the_fold_the_seed_picks(tmp_path, monkeypatch):
     calls, real = [], train.load_dataset
     monkeypatch.setattr(train, "load_dataset", lambda name, **kw: calls.append((name, kw)) or real(name, **kw))
     fit(c, tmp_path, progress=False)
-    assert calls == [("craters", {"folds": 5, "fold": 2})]
+    assert calls == [("craters", {"labelled": 1.0, "unlabelled": False, "folds": 5, "fold": 2})]
     assert RunConfig.from_yaml(tmp_path / "config.yaml").data.folds == 5
     for bad in ({"dataset": "nuclei"}, {"dataset": "folder", "root": str(tmp_path)}):
         with pytest.raises(ConfigError, match=r"folds=5: spatial cross-validation needs .*\['craters'\]"):
