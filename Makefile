@@ -66,10 +66,12 @@ lab: $(STAMP)
 # Speed and memory of MARS against the rotation-augmentation control, measured side by side in one run
 # (bench/bench_mars.py says how): prints a table, writes reports/bench.json (tiny) and
 # reports/bench-r50.json (the paper's ResNet-50 Mask2Former at 128x128), the tables into reports/bench.txt.
-# About 6 minutes on 2 CPU cores;
+# Then bench/bench_run.py: one whole default run (rotaug and mars-hybrid), the reference path against the fast
+# one, side by side (run_speedup in reports/bench.json). About 6 + 12 minutes on 2 CPU cores;
 # nothing else should run meanwhile (the table warns when something did).
 bench: $(STAMP)
 	set -o pipefail; $(PY) bench/bench_mars.py --preset tiny --preset r50 | tee reports/bench.txt
+	set -o pipefail; $(PY) bench/bench_run.py | tee -a reports/bench.txt
 
 # The same for the ResNet-50 Mask2Former at 512x512 in bf16 on a CUDA GPU: reports/bench-gpu.json.
 bench-gpu: $(STAMP)

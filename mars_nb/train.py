@@ -734,7 +734,7 @@ def read_log(run_dir: str | Path):
 # %% ../nbs/05_train.ipynb #c032
 RUN_PARAMS = ("name", "dataset", "root", "folds", "class_names", "group", "split_file", "label_map", "labelled",
               "unlabelled", "mode", "preset", "pretrained", "overrides", "steps", "crop", "batch_size", "lr", "train_angles",
-              "view1_angles", "eval_angles", "eval_split", "seed", "device", "devices", "mars")
+              "view1_angles", "eval_angles", "eval_split", "seed", "device", "devices", "channels_last", "mars")
 
 def run_name(params: dict) -> str:
     """The name a run gets when none is given: `<dataset>-<mode>[-any]` or `<dataset>-mars-<preset>`, then
@@ -763,7 +763,8 @@ def config_from_params(**params) -> RunConfig:
         "data": {k: p[k] for k in ("dataset", "root", "folds", *FOLDER_KEYS, "labelled", "unlabelled", "crop", "batch_size")
                  if k in p},
         "model": {"preset": p.get("preset"), "pretrained": p.get("pretrained"), "overrides": p.get("overrides")},
-        "train": {**{k: p[k] for k in ("mode", "steps", "lr", "seed", "device", "devices") if k in p}, "angles": angles,
+        "train": {**{k: p[k] for k in ("mode", "steps", "lr", "seed", "device", "devices", "channels_last") if k in p},
+                  "angles": angles,
                   "view1_angles": angles1},
         "mars": mars,
         "eval": {"angles": p.get("eval_angles"), "split": p.get("eval_split")},

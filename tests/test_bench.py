@@ -30,3 +30,23 @@ def test_bench_rejects_bad_arguments(root):
     proc = subprocess.run([sys.executable, str(root / "bench" / "bench_mars.py"), "--preset", "huge"],
                           capture_output=True, text=True, timeout=120, cwd=root)
     assert proc.returncode != 0 and "invalid choice" in proc.stderr and "tiny" in proc.stderr
+
+
+@pytest.mark.slow
+def test_run_bench_times_both_paths_and_merges_into_the_bench_file(root, tmp_path):
+    "bench_run.py: the reference and the fast path of one run, side by side; the step figures already there are kept."
+    out = tmp_path / "bench.json"
+    out.write_text(json.dumps({"hook_overhead": 1.01}))
+    proc = subprocess.run([sys.executable, str(root / "bench" / "bench_run.py"), "--steps", "2", "--config", "rotaug",
+                           "--out", str(out), "--keep", str(tmp_path / "runs")],
+                          capture_output=True, text=True, timeout=900, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(out.read_text())
+    assert res["hook_overhead"] == 1.01 and res["run_steps"] == 2
+    for k in ("run_seconds.rotaug.reference", "run_seconds.rotaug.fast", "run_speedup.rotaug", "run_speedup"):
+        assert isinstance(res[k], float) and math.isfinite(res[k]) and res[k] > 0, k
+    assert res["run_speedup"] == res["run_speedup.rotaug"]
+    import yaml
+    fast = yaml.safe_load((tmp_path / "runs" / "runs" / "craters-rotaug-fast-s0" / "config.yaml").read_text())
+    assert fast["train"]["channels_last"] is True and fast["train"]["steps"] == 2
+    assert "run_speedup" in proc.stdout and "goal" in proc.stdout
