@@ -19,7 +19,7 @@ from transformers.utils import logging as hf_logging
 from .views import IGNORE
 
 # %% auto #0
-__all__ = ['PRESETS', 'PRESET_NAMES', 'preset_config', 'adapt_input_channels', 'build_model', 'pad_to_multiple',
+__all__ = ['PRESETS', 'PRESET_NAMES', 'preset_config', 'adapt_input_channels', 'build_model', 'pad_to_multiple', 'check_labels',
            'semantic_targets', 'valid_points', 'mask2former_loss', 'semantic_probs', 'predict_semantic']
 
 # %% ../nbs/02_model.ipynb #c005
@@ -145,14 +145,19 @@ def pad_to_multiple(x: Tensor, multiple: int = 32, value: float = 0.0) -> tuple[
     return F.pad(x, (0, pw, 0, ph), value=value), (H, W)
 
 # %% ../nbs/02_model.ipynb #c020
-def semantic_targets(labels: Tensor, num_labels: int, ignore_index: int = IGNORE) -> tuple[list[Tensor], list[Tensor]]:
-    "Per image of `labels` [B,H,W]: (masks [n,H,W] float, one per class present, ignore excluded; class ids [n] long)."
+def check_labels(labels: Tensor, num_labels: int, ignore_index: int = IGNORE) -> None:
+    "Raise unless `labels` is [B, H, W] of class ids 0..num_labels-1 or `ignore_index`."
     if labels.dim() != 3:
         raise ValueError(f"labels must be [B, H, W], got shape {tuple(labels.shape)}")
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_labels))
     if bad.any():
         raise ValueError(f"labels hold values outside 0..{num_labels - 1} and ignore_index={ignore_index}: "
                          f"{torch.unique(labels[bad]).tolist()[:10]}")
+
+
+def semantic_targets(labels: Tensor, num_labels: int, ignore_index: int = IGNORE) -> tuple[list[Tensor], list[Tensor]]:
+    "Per image of `labels` [B,H,W]: (masks [n,H,W] float, one per class present, ignore excluded; class ids [n] long)."
+    check_labels(labels, num_labels, ignore_index)
     classes = torch.arange(num_labels, device=labels.device)
     onehot = labels[:, None] == classes[None, :, None, None]      # [B, K, H, W]; ignore matches no class
     present = onehot.flatten(2).any(-1)                            # [B, K]
@@ -168,7 +173,8 @@ def valid_points(pools: Tensor, counts: Tensor, which: Tensor, n: int, hw: tuple
     `grid_sample`-style sampling, and each point's flat pixel index [M, n]."""
     H, W = hw
     u = torch.rand(len(which), n, generator=generator).to(pools.device)
-    pick = pools[which[:, None], (u * counts[which, None]).long().clamp_max(pools.shape[1] - 1)]
+    N = pools.shape[1]
+    pick = pools.take(which[:, None] * N + (u * counts[which, None]).long().clamp_max(N - 1))     # pools[which, ...]
     jitter = torch.rand(len(which), n, 2, generator=generator).to(pools.device)     # anywhere inside the pixel
     xy = torch.stack([(pick % W).float() + jitter[..., 0], (pick // W).float() + jitter[..., 1]], -1)
     return xy / torch.tensor([W, H], device=pools.device, dtype=xy.dtype), pick
@@ -240,13 +246,15 @@ def mask2former_loss(outputs, labels: Tensor, config, ignore_index: int = IGNORE
     decoder layers) against semantic `labels` [B, H, W], ignoring pixels labelled `ignore_index`.
     Returns {"loss": weighted sum over all layers, "loss_ce", "loss_mask", "loss_dice" (final layer)}."""
     K = int(outputs.class_queries_logits.shape[-1]) - 1
-    semantic_targets(labels, K, ignore_index)                        # checks the label values
+    check_labels(labels, K, ignore_index)
     valid = (labels != ignore_index).flatten(1)
     counts = valid.sum(1)
     pools = torch.zeros(len(labels), max(int(counts.max()), 1), dtype=torch.long, device=labels.device)
     for b in range(len(labels)):                                     # each image's valid pixels, left-aligned
         pools[b, : counts[b]] = valid[b].nonzero().squeeze(1)
-    present = torch.stack([torch.bincount(l[v], minlength=K)[:K] > 0 for l, v in zip(labels.flatten(1), valid)])
+    flat = torch.where(valid, labels.flatten(1), K)                  # ignored pixels counted as class K, then dropped
+    present = torch.zeros(len(labels), K + 1, dtype=torch.long, device=labels.device).scatter_add_(
+        1, flat, torch.ones_like(flat))[:, :K] > 0                   # [B, K]: the classes each image holds
     num_masks = max(int(present[counts > 0].sum()), 1)
     layers = [(a["class_queries_logits"], a["masks_queries_logits"]) for a in (outputs.auxiliary_logits or [])]
     layers.append((outputs.class_queries_logits, outputs.masks_queries_logits))
