@@ -29,7 +29,7 @@ __all__ = ['SPLITS', 'IMAGE_SUFFIXES', 'Region', 'TILE_MODES', 'TREE_SCENES', 'T
            'DATASETS', 'UNLABELLED_SCENES', 'DatasetError', 'package_file', 'ellipse_instances', 'disc_instances',
            'crater_scene', 'band_regions', 'point_split', 'TileSpec', 'SceneDataset', 'split_summary', 'fold_parts',
            'craters', 'nuclei', 'voc_boxes', 'quiet_cut', 'trees', 'split_files', 'read_split_file', 'folder',
-           'labelled_parts', 'semi_supervised', 'load_dataset']
+           'labelled_parts', 'semi_supervised', 'no_unlabelled', 'load_dataset']
 
 # %% ../nbs/00_data.ipynb #c005
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -695,11 +695,10 @@ def _pycda_unlabelled() -> tuple[np.ndarray, ...]:
     return tuple(out)
 
 
-def labelled_parts(parts: list[tuple[int, Region]], fraction: float, min_size: tuple[int, int] = (0, 0)
+def labelled_parts(parts: list[tuple[int, Region]], fraction: float
                    ) -> tuple[list[tuple[int, Region]], list[tuple[int, Region]]]:
     """Split train `parts` into a labelled rectangle of `fraction` of their area (top-left corner of the largest part,
-    as square as it allows) and the rest (the other parts and the L around the rectangle, pieces of at least
-    `min_size` rows x columns)."""
+    as square as it allows) and the rest (the other parts and the non-empty pieces of the L around the rectangle)."""
     if not 0 < fraction <= 1: raise ValueError(f"the labelled fraction must be in (0, 1], got {fraction}")
     if fraction == 1: return list(parts), []
     size = lambda r: (r[1] - r[0]) * (r[3] - r[2])
@@ -712,20 +711,18 @@ def labelled_parts(parts: list[tuple[int, Region]], fraction: float, min_size: t
         raise ValueError(f"a labelled fraction {fraction} needs {want:.0f} pixels, more than the largest train part "
                          f"{(y0, y1, x0, x1)} holds")
     rest = [p for i, p in enumerate(parts) if i != k] + [(scene, (y0, y1, x0 + w, x1)), (scene, (y0 + h, y1, x0, x0 + w))]
-    fits = lambda r: r[1] - r[0] >= max(min_size[0], 1) and r[3] - r[2] >= max(min_size[1], 1)
-    return [(scene, (y0, y0 + h, x0, x0 + w))], [p for p in rest if fits(p[1])]
+    return [(scene, (y0, y0 + h, x0, x0 + w))], [p for p in rest if p[1][1] > p[1][0] and p[1][3] > p[1][2]]
 
 
 def semi_supervised(ds: SceneDataset, fraction: float = 1.0, extra: Sequence[np.ndarray] = ()) -> SceneDataset:
     """`ds` with labels on `fraction` of its train area only (`labelled_parts`; the rest becomes IGNORE) and a split
     `unlabelled`: the rest of the train area plus the `extra` scenes `[H, W]` or `[C, H, W]` (own statistics)."""
-    R = footprint_radius((ds.tile_size, ds.tile_size))
-    need = _min_extent(ds.tile_size, R)
-    train, rest = labelled_parts(ds.parts["train"], fraction, (need, need))
+    train, rest = labelled_parts(ds.parts["train"], fraction)
     labels = [l.clone() for l in ds.labels]
-    for scene, (y0, y1, x0, x1) in rest: labels[scene][y0:y1, x0:x1] = IGNORE
+    for scene, (y0, y1, x0, x1) in rest: labels[scene][y0:y1, x0:x1] = IGNORE      # every piece, crops or not
+    need = _min_extent(ds.tile_size, footprint_radius((ds.tile_size, ds.tile_size)))
+    unlabelled = [p for p in rest if p[1][1] - p[1][0] >= need and p[1][3] - p[1][2] >= need]   # room for a crop
     images, instances, names = list(ds.images), list(ds.instances or []), list(ds.scene_names)
-    unlabelled = list(rest)
     for i, a in enumerate(extra):
         a = np.asarray(a, np.float32)
         a = a[None] if a.ndim == 2 else a
@@ -752,11 +749,19 @@ UNLABELLED_SCENES = {"craters": _pycda_unlabelled}
 "Per dataset, the unlabelled scenes that ship beside it (a function returning arrays)."
 
 
+def no_unlabelled(name: str, labelled: float) -> str | None:
+    "Why dataset `name` has no unlabelled crops at this labelled fraction (None: it has, from its train area or scenes)."
+    if labelled < 1 or name in UNLABELLED_SCENES: return None
+    return (f"unlabelled=True, but with every train pixel labelled {name!r} has no unlabelled crops: give labelled < 1 "
+            f"(the rest of the train area is then unlabelled) or a dataset with unlabelled scenes ({list(UNLABELLED_SCENES)})")
+
+
 def load_dataset(name: str, labelled: float = 1.0, unlabelled: bool = False, **kw) -> SceneDataset:
     """Build the dataset called `name` (craters, nuclei, trees or folder), passing `kw` to its builder; with
     `labelled` < 1 only that fraction of the train area keeps its labels, and `unlabelled` adds the dataset's
     unlabelled scenes (`UNLABELLED_SCENES`) to the split `unlabelled` (see `semi_supervised`)."""
     if name not in DATASETS: raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    if unlabelled and (why := no_unlabelled(name, labelled)): raise ValueError(why)
     ds = DATASETS[name](**kw)
     if labelled == 1 and not unlabelled: return ds
     return semi_supervised(ds, labelled, UNLABELLED_SCENES.get(name, tuple)() if unlabelled else ())

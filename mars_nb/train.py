@@ -23,7 +23,7 @@ import torch
 import yaml
 from lightning.pytorch.plugins import TorchCheckpointIO
 
-from .data import DATASETS, SPLITS, UNLABELLED_SCENES, load_dataset
+from .data import DATASETS, SPLITS, load_dataset, no_unlabelled
 from .losses import MarsLoss, gradient_shares, resolve_config
 from .model import PRESET_NAMES, build_model, mask2former_loss, preset_config
 from .taps import tap_meta
@@ -209,10 +209,8 @@ class DataConfig(YamlConfig):
               f"crop {self.crop} must be a positive multiple of {STRIDE} (Mask2Former's coarsest stride), e.g. {lo} or {lo + STRIDE}")
         _need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _need(0 < self.labelled <= 1, f"labelled={self.labelled} must be a fraction in (0, 1], e.g. 0.1 for 10 % of the train area")
-        _need(not self.unlabelled or self.labelled < 1 or self.dataset in UNLABELLED_SCENES,
-              f"unlabelled=True, but with every train pixel labelled {self.dataset!r} has no unlabelled crops: give "
-              f"labelled < 1 (the rest of the train area is then unlabelled) or a dataset with unlabelled scenes "
-              f"({list(UNLABELLED_SCENES)})")
+        why = no_unlabelled(self.dataset, self.labelled) if self.unlabelled else None
+        _need(why is None, why)                                  # said before anything loads
         _need(self.folds is None or (self.folds >= 3 and "folds" in inspect.signature(DATASETS[self.dataset]).parameters),
               f"folds={self.folds}: spatial cross-validation needs folds >= 3 and a dataset that has folds "
               f"({[d for d, f in DATASETS.items() if 'folds' in inspect.signature(f).parameters]})")

@@ -666,8 +666,6 @@ def test_labelled_parts_by_hand():
     lab, _ = labelled_parts(parts, 0.5)                                 # 25 000 > 100 rows: full height, 250 columns
     assert lab == [(0, (0, 100, 0, 250))]
     assert labelled_parts(parts, 1.0) == (parts, [])
-    _, rest = labelled_parts(parts, 0.2, min_size=(150, 150))          # pieces too small for a crop are left out
-    assert rest == []
     with pytest.raises(ValueError, match=r"labelled fraction must be in \(0, 1\], got 0"):
         labelled_parts(parts, 0)
     with pytest.raises(ValueError, match="more than the largest train part"):
@@ -707,6 +705,22 @@ def test_semi_supervised_craters(cds, folds):
     # nested: 5 % inside 10 % inside 25 %
     for (a0, a1, b0, b1), (c0, c1, d0, d1) in zip(rects[1:], rects[:-1]):
         assert c0 <= a0 and a1 <= c1 and d0 <= b0 and b1 <= d1
+
+
+def test_semi_supervised_hides_the_labels_of_rest_pieces_too_small_for_a_crop(nds):
+    "A strip of the rest narrower than a rotated crop is no unlabelled crop, but its labels are gone all the same."
+    (_, (y0, y1, x0, x1)), = nds.parts["train"]                          # 256 x 512
+    small = semi_supervised(nds, 0.8)               # 0.8 of it: 256 x 410 labelled, the rest 256 x 102 (a crop needs 182)
+    (_, (a, b, c, d)), = small.parts["train"]
+    assert (a, b, c, d) == (y0, y1, x0, x0 + 410) and "unlabelled" not in small.parts
+    assert (small.labels[0][y0:y1, d:x1] == IGNORE).all() and (small.labels[0][y0:y1, d:x1] != IGNORE).sum() == 0
+    assert (nds.labels[0][y0:y1, d:x1] != IGNORE).any(), "there were labels to hide"
+
+
+def test_load_dataset_refuses_an_unlabelled_stream_it_cannot_offer():
+    with pytest.raises(ValueError, match="'nuclei' has no unlabelled crops: give labelled < 1"):
+        load_dataset("nuclei", unlabelled=True)
+    assert "unlabelled" in load_dataset("nuclei", labelled=0.5, unlabelled=True).parts
 
 
 def test_semi_supervised_refuses_extra_scenes_of_another_channel_count(nds):
