@@ -382,10 +382,10 @@ def plot_regime_map(effects: pd.DataFrame, order: list[str] | None = None):
         i, j = regimes.index(r.dataset), configs.index(r.config)
         ax.text(j, i, f"{r.diff:+.3f}\n[{r.lo:+.3f}, {r.hi:+.3f}]\n≥ {r.mde:.3f}", ha="center", va="center", fontsize=7)
         if r.lo > 0 or r.hi < 0: ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=2, ec="k"))
-    label = lambda d: (lambda e: f"{d}\nvs {e.control.iloc[0]}" + (" (unseen angles)" if e.angles.iloc[0] == "unseen" else ""))(
-        effects[effects["dataset"] == d])
+    first = effects.drop_duplicates("dataset").set_index("dataset")          # one control and angle set per regime
+    labels = [f"{d}\nvs {first.control[d]}" + (" (unseen angles)" if first.angles[d] == "unseen" else "") for d in regimes]
     ax.set_xticks(range(len(configs)), configs, rotation=20, ha="right", fontsize=8)
-    ax.set_yticks(range(len(regimes)), [label(d) for d in regimes], fontsize=8)
+    ax.set_yticks(range(len(regimes)), labels, fontsize=8)
     fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02).set_label("Δ mean foreground IoU vs the strongest control", fontsize=8)
     ax.set_title("Where does a tap beat the strongest control? (cell: Δ, 95 % interval, detectable effect)", fontsize=9)
     fig.tight_layout()
@@ -501,23 +501,19 @@ def write_report(root: str | Path, order: list[str] | None = None, panels: bool 
             fig = plot_attention_panels(root / "runs" / run, title=f"{tag} configuration by mean foreground IoU over "
                                         f"angles: {row['config']} ({row['fg_iou_mean']:.3f})\n")
             if fig is not None: figs[f"attention_{tag}.png"] = fig
-    for name, fig in figs.items():
-        fig.savefig(figdir / name, dpi=120, bbox_inches="tight"); plt.close(fig)
     comps = comparisons(root, runs, table)
     comps = comps.dropna(subset=["lo"]) if len(comps) else comps      # runs without per-tile counts: no bootstrap
+    effects = regime_effects(comps, table) if len(comps) else comps
+    if datasets and len(effects):
+        rank = {d: i for i, d in enumerate(datasets)}
+        effects = effects.sort_values("dataset", key=lambda s: s.map(lambda d: rank.get(d, len(rank))), kind="stable")
+    if len(effects): figs["regime_map.png"] = plot_regime_map(effects, order)
+    for name, fig in figs.items():
+        fig.savefig(figdir / name, dpi=120, bbox_inches="tight"); plt.close(fig)
     table.to_csv(out / "summary.csv", index=False)
     (out / "summary.md").write_text(to_markdown(table))
     runs.to_csv(out / "runs.csv", index=False)
-    if len(comps):
-        comps.to_csv(out / "comparisons.csv", index=False)
-        effects = regime_effects(comps, table)
-        if datasets and len(effects):
-            rank = {d: i for i, d in enumerate(datasets)}
-            effects = effects.sort_values("dataset", key=lambda s: s.map(lambda d: rank.get(d, len(rank))), kind="stable")
-        if len(effects):
-            fig = plot_regime_map(effects, order)
-            fig.savefig(figdir / "regime_map.png", dpi=120, bbox_inches="tight"); plt.close(fig)
-            figs["regime_map.png"] = None
+    if len(comps): comps.to_csv(out / "comparisons.csv", index=False)
     extra = weights_section(root, figdir) if any("-x" in c for c in runs["config"]) else ""
     write_readme(out, runs, table, list(figs), comps=comps, extra=extra)
     return table
