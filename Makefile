@@ -9,7 +9,7 @@ STAMP := $(VENV)/.mars_nb-installed
 # Data packages ship real images; their own dependencies pull TensorFlow, so --no-deps.
 DATA_PKGS := pycda==0.1.16 stardist==0.9.2 deepforest==2.1.0
 
-.PHONY: install test reports weights regimes reports-quick export readme print-readme lab bench bench-gpu
+.PHONY: install test reports weights regimes reports-quick same-science export readme print-readme lab bench bench-gpu
 
 install: $(STAMP)
 
@@ -73,6 +73,13 @@ lab: $(STAMP)
 bench: $(STAMP)
 	set -o pipefail; $(PY) bench/bench_mars.py --preset tiny --preset r50 | tee reports/bench.txt
 	set -o pipefail; $(PY) bench/bench_run.py | tee -a reports/bench.txt
+
+# The fast path's science check: the default grid's rotaug and mars-hybrid on channels-last tensors (10 runs,
+# about 35 minutes on 2 cores), each paired with its reference twin in reports/runs/ (run `make reports` first):
+# reports/fastpath/README.md. Timing needs a quiet machine; this does not.
+same-science: $(STAMP)
+	$(VENV)/bin/mars-ablate grids/fastpath.yaml --jobs $(JOBS) --no-report
+	$(PY) bench/same_science.py
 
 # The same for the ResNet-50 Mask2Former at 512x512 in bf16 on a CUDA GPU: reports/bench-gpu.json.
 bench-gpu: $(STAMP)

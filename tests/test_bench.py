@@ -50,3 +50,29 @@ def test_run_bench_times_both_paths_and_merges_into_the_bench_file(root, tmp_pat
     fast = yaml.safe_load((tmp_path / "runs" / "runs" / "craters-rotaug-fast-s0" / "config.yaml").read_text())
     assert fast["train"]["channels_last"] is True and fast["train"]["steps"] == 2
     assert "run_speedup" in proc.stdout and "goal" in proc.stdout
+
+
+def _same_science(root):
+    sys.path.insert(0, str(root / "bench"))
+    try: import same_science
+    finally: sys.path.pop(0)
+    return same_science
+
+
+def test_same_science_pairs_fast_runs_with_their_reference_twins(root):
+    "Hand-computed: diffs +0.01, -0.01, +0.03 -> mean 0.01, sd 0.02, CI t(0.975, 2) * 0.02 / sqrt 3."
+    import pandas as pd
+    ss = _same_science(root)
+    ref = pd.DataFrame({"dataset": "craters", "config": "rotaug", "seed": [0, 1, 2], "fg_iou_mean": [0.30, 0.40, 0.50]})
+    fast = ref.assign(fg_iou_mean=[0.31, 0.39, 0.53])
+    noise = pd.DataFrame({"dataset": "craters", "config": "none", "seed": [0], "fg_iou_mean": [0.2]})
+    t = ss.paired_paths(pd.concat([ref, noise]), fast, metrics=("fg_iou_mean",))
+    (r,) = t.to_dict("records")
+    assert r["n"] == 3 and r["config"] == "rotaug"
+    assert r["diff"] == pytest.approx(0.01) and r["ci"] == pytest.approx(4.302653 * 0.02 / math.sqrt(3), rel=1e-5)
+    assert r["training_noise"] == pytest.approx(0.02 / math.sqrt(2)) and r["replicate_sd"] == pytest.approx(0.1)
+    assert "No metric moved" in ss.markdown(t)
+    shifted = ss.paired_paths(ref, ref.assign(fg_iou_mean=ref["fg_iou_mean"] + [0.05, 0.06, 0.04]), metrics=("fg_iou_mean",))
+    assert "Moved" in ss.markdown(shifted) and "rotaug IoU mean" in ss.markdown(shifted)
+    with pytest.raises(ValueError, match="no reference twin"):
+        ss.paired_paths(ref[ref.seed < 2], fast, metrics=("fg_iou_mean",))
