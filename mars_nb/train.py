@@ -736,12 +736,14 @@ RUN_PARAMS = ("name", "dataset", "root", "folds", "class_names", "group", "split
 
 def run_name(params: dict) -> str:
     """The name a run gets when none is given: `<dataset>-<mode>[-any]` or `<dataset>-mars-<preset>`, then
-    `-l<percent labelled>` and `-u` (an unlabelled stream, mode mars) where set, then `-s<seed>`."""
+    `-l<percent labelled>` and `-u` (an unlabelled stream, mode mars) where set, the model preset unless `tiny`,
+    then `-s<seed>`."""
     mode, mars = params.get("mode", TrainConfig.mode), params.get("mars")
     preset = mars if isinstance(mars, str) else (mars or {}).get("preset", "custom" if mars else "hybrid")
     what = f"mars-{preset}" if mode == "mars" else f"{mode}-any" if params.get("view1_angles") else mode
     labelled = params.get("labelled", DataConfig.labelled)
     what += (f"-l{100 * labelled:g}" if labelled != 1 else "") + ("-u" if params.get("unlabelled") and mode == "mars" else "")
+    what += f"-{params['preset']}" if params.get("preset", ModelConfig.preset) != ModelConfig.preset else ""
     return f"{params.get('dataset', DataConfig.dataset)}-{what}-s{params.get('seed', TrainConfig.seed)}"
 
 

@@ -485,6 +485,8 @@ def test_label_scarce_runs_name_their_regime_and_feed_unlabelled_crops_to_mars_o
     cfg = config_from_params(**p)
     assert cfg.name == "craters-mars-output-l10-u-s2" and cfg.data.labelled == 0.1 and cfg.data.unlabelled
     assert config_from_params(labelled=0.05, mode="rotaug", unlabelled=True).name == "craters-rotaug-l5-s0"
+    assert config_from_params(preset="lite0", mode="rotaug").name == "craters-rotaug-lite0-s0"    # not tiny: said
+    assert config_from_params(preset="tiny", mode="rotaug").name == "craters-rotaug-s0"
     rot = config_from_params(labelled=0.05, mode="rotaug", unlabelled=True, steps=1)
     data = ViewPairData(rot)
     data.trainer = None
