@@ -1,5 +1,6 @@
 """Grid files: expansion, validation errors that name the line, sharding, skipping and failures."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -262,7 +263,7 @@ def test_the_grid_bar_names_runs_and_their_steps(tmp_path):
     assert run_step(r) == "step 240/600"                                   # the latest attempt's last step
 
 
-@pytest.mark.parametrize("name", ["default", "quick", "weights", "regimes"])
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).parent.parent / "grids").glob("*.yaml")))
 def test_the_committed_grids_expand(name):
     "Every grid in grids/ is valid: each of its runs' parameters builds a configuration."
     from conftest import ROOT
@@ -280,3 +281,14 @@ def test_the_regime_grid_offers_unlabelled_crops_where_labels_are_scarce():
     unseen = runs["craters-unseen-rotaug-any-s0"]
     assert unseen.train.angles.values == unseen.train.view1_angles.values == [-45.0, 45.0]
     assert not runs["trees-l100-outcons-s0"].data.unlabelled and runs["trees-l10-outcons-s0"].data.labelled == 0.1
+
+
+def test_the_lite0_regimes_join_the_regime_study_without_a_name_in_common():
+    from conftest import ROOT
+    from mars_nb.train import config_from_params
+    lite0 = {r.name: r for r in load_grid(ROOT / "grids" / "regimes-lite0.yaml")}
+    tiny = {r.name: r for r in load_grid(ROOT / "grids" / "regimes.yaml")}
+    assert len(lite0) == 2 * 5 * 5 and not set(lite0) & set(tiny)
+    assert {r.out_dir.parent for r in lite0.values()} == {r.out_dir.parent for r in tiny.values()}    # one report
+    cfg = config_from_params(**lite0["craters-l10-lite0-mars-hybrid-s3"].params)
+    assert cfg.model.preset == "lite0" and cfg.data.labelled == 0.1 and cfg.data.unlabelled
