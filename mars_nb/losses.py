@@ -297,12 +297,15 @@ def _masked_gem(x: Tensor, wts: Tensor, dims: tuple[int, ...], p: Tensor, floor:
 
 def _standardize(v1: Tensor, v2: Tensor, rel: float = 1e-6) -> tuple[Tensor, Tensor]:
     """Each component of [B, C, *] vectors standardized over the batch of both views (and the trailing axis).
-    A component that does not vary (variance below `rel` times the mean square: scale-free) becomes 0."""
+    A component that does not vary (variance below `rel` times the mean square: scale-free) becomes 0, with a zero
+    gradient: its variance is replaced by 1 before the inverse square root, whose derivative at a near-zero variance
+    would overflow, and infinity times the zero gradient `where` gives the branch it did not take is NaN."""
     both = torch.cat([v1, v2])
     dims = (0,) if both.dim() == 2 else (0, 2)
     mu, var = both.mean(dims, keepdim=True), both.var(dims, unbiased=False, keepdim=True)
     live = var > rel * both.detach().pow(2).mean()
-    z = torch.where(live, (both - mu) * var.clamp_min(1e-30).rsqrt(), torch.zeros_like(both))
+    safe = torch.where(live, var, torch.ones_like(var))
+    z = torch.where(live, (both - mu) * safe.rsqrt(), torch.zeros_like(both))
     return z[: len(v1)], z[len(v1):]
 
 

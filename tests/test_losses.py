@@ -956,3 +956,22 @@ def test_pseudo_labels_against_a_loop():
     assert (p2.grad[~valid[:, None].expand_as(p2)] == 0).all()
     p1g = p1.clone().requires_grad_()
     assert not output_pseudo_label(p1g, p2.detach(), valid).requires_grad, "no gradient into the upright view"
+
+
+def test_a_component_that_does_not_vary_gets_a_zero_gradient_not_nan():
+    """`_standardize` zeroes a component whose variance is negligible; its gradient must be 0 too. A variance in
+    [1e-30, 2e-26] made the old clamp-then-rsqrt overflow in the backward pass (inf times where's 0 is NaN): a GeM
+    vector sitting at its floor in every sample did this and killed a default-grid run of mars-paper at step 42."""
+    from mars_nb.losses import _standardize
+    g = torch.Generator().manual_seed(0)
+    v1, v2 = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
+    v1[:, 0], v2[:, 0] = 1e-12, 1e-12
+    v1[0, 0] = 1e-12 + 1e-13                     # variance ~1e-27: below the live threshold, inside the overflow window
+    v1.requires_grad_(), v2.requires_grad_()
+    z1, z2 = _standardize(v1, v2)
+    assert (z1[:, 0] == 0).all() and (z2[:, 0] == 0).all()
+    both = torch.cat([v1, v2]).detach()
+    assert torch.allclose(torch.cat([z1, z2])[:, 1:], (both[:, 1:] - both[:, 1:].mean(0)) / both[:, 1:].std(0, unbiased=False))
+    ((z1 * torch.arange(3.0)).sum() + (z2 ** 2).sum()).backward()
+    assert torch.isfinite(v1.grad).all() and torch.isfinite(v2.grad).all()
+    assert (v1.grad[:, 0] == 0).all() and v1.grad[:, 1:].abs().sum() > 0
