@@ -26,9 +26,9 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 # JOBS runners share the machine's cores (mars-ablate --jobs): on 2 cores, two 1-thread runs side by side
-# train 1.25x faster than one 2-thread run. The default grid (90 runs) takes about 3.5 hours this way on 2 cores:
-# a two-view run 280-420 s, a `none` run 210-240 s, each beside another (measured while other work shared the
-# machine, so an upper bound).
+# train 1.25x faster than one 2-thread run. The default grid (90 runs) takes about 4 hours this way on 2 cores:
+# a two-view run 280-420 s, a `none` run 210-240 s, each beside another; the committed runs' times add up to
+# 8.7 run-hours (measured while other work shared the machine, so an upper bound).
 JOBS ?= 2
 reports: $(STAMP)
 	$(VENV)/bin/mars-ablate grids/default.yaml --jobs $(JOBS)
