@@ -16,7 +16,7 @@ from transformers.modeling_outputs import BackboneOutput
 
 # %% auto #0
 __all__ = ['LITE0_STAGES', 'LITE0_OUTPUTS', 'LITE0_CHANNELS', 'LITE0_WHEEL', 'MBConv', 'Lite0Backbone', 'lite0_weights_file',
-           'fold_input_kernels', 'load_lite0_weights']
+           'fold_input_kernels', 'load_lite0_weights', 'variance_drift']
 
 # %% ../nbs/01a_backbones.ipynb #n792647d
 LITE0_STAGES = (          # kernel, stride, expansion, in, out, blocks
@@ -120,3 +120,16 @@ def load_lite0_weights(backbone: Lite0Backbone, path: str | Path | None = None) 
     sd["_conv_stem.weight"] = fold_input_kernels(sd["_conv_stem.weight"], backbone.num_channels)
     backbone.load_state_dict(sd, strict=True)
     return backbone
+
+# %% ../nbs/01a_backbones.ipynb #n8031999
+def variance_drift(net: nn.Module, x: Tensor) -> float:
+    """How far `net`'s batch-norm layers are from the statistics they were trained with, on images `x`: the mean over
+    layers of |log(variance of the layer's input / its running_var)| (median over channels; eval mode)."""
+    got = []
+    drift = lambda m, i, o: got.append(torch.log((i[0].var((0, 2, 3)) + 1e-3) / (m.running_var + 1e-3)).median())
+    hooks = [m.register_forward_hook(drift) for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    try:
+        with torch.no_grad(): net.eval()(x)
+    finally:
+        for h in hooks: h.remove()
+    return float(torch.stack(got).abs().mean())

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from mars_nb.backbones import (LITE0_CHANNELS, Lite0Backbone, fold_input_kernels, lite0_weights_file,
-                               load_lite0_weights)
+                               load_lite0_weights, variance_drift)
 from mars_nb.model import build_model, mask2former_loss
 from mars_nb.taps import measure_lattice, tap_meta
 from mars_nb.views import Lattice
@@ -95,20 +95,11 @@ def test_lite0_weights_compute_what_imagenet_training_saw():
     im = np.asarray(Image.open(next(folder.glob("AWPE*.JPG"))).convert("RGB"), dtype=np.float32)[:256, :256] / 255
     x = ((torch.from_numpy(im).permute(2, 0, 1) - torch.tensor([0.485, 0.456, 0.406])[:, None, None])
          / torch.tensor([0.229, 0.224, 0.225])[:, None, None])[None]
-
-    def drift(net):
-        got = []
-        hooks = [m.register_forward_hook(lambda m, i, o: got.append(
-            torch.log((i[0].var((0, 2, 3)) + 1e-3) / (m.running_var + 1e-3)).median()))
-            for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-        with torch.no_grad(): net.eval()(x)
-        for h in hooks: h.remove()
-        return float(torch.stack(got).abs().mean())
-
-    right = drift(load_lite0_weights(Lite0Backbone(3)))
+    right = variance_drift(load_lite0_weights(Lite0Backbone(3)), x)
     swish = load_lite0_weights(Lite0Backbone(3))
     for m in swish.modules():
         if hasattr(m, "act"): m.act = F.silu
     plain = load_lite0_weights(Lite0Backbone(3))
     for b in plain._blocks: b.shortcut = False
-    assert right < 0.8 and drift(swish) > 1.5 * right and drift(plain) > 2 * right, (right, drift(swish), drift(plain))
+    wrong = {"swish": variance_drift(swish, x), "no shortcuts": variance_drift(plain, x)}
+    assert right < 0.8 and wrong["swish"] > 1.5 * right and wrong["no shortcuts"] > 2 * right, (right, wrong)
