@@ -214,7 +214,7 @@ def test_two_process_ddp_on_cpu(tmp_path):
     ({"data": {"dataset": "moon"}}, ["'moon'", "['craters', 'nuclei', 'trees', 'folder']"]),
     ({"data": {"dataset": "folder"}}, ["'folder' needs root="]),
     ({"data": {"dataset": "nuclei", "root": "data"}}, ["root='data'", "only read for dataset 'folder'"]),
-    ({"model": {"preset": "r101"}}, ["'r101'", "['tiny', 'r50', 'pretrained']"]),
+    ({"model": {"preset": "r101"}}, ["'r101'", "['tiny', 'r50', 'lite0', 'lite0-scratch', 'pretrained']"]),
     ({"model": {"preset": "pretrained"}}, ["'pretrained' needs pretrained="]),
     ({"model": {"overrides": {"num_querys": 8}}}, ["num_querys", "num_queries"]),
     ({"model": {"overrides": {"num_queries": "8"}}}, ["num_queries must be int like the preset's 16, got '8'"]),
