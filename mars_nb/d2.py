@@ -36,6 +36,7 @@ __all__ = ['INSTALL_HINT', 'MSDA_MODULE', 'MARS_MODES', 'STAGE_KEYS', 'D2_ARCH',
            'train_mapper', 'mars_trainer_class']
 
 # %% ../nbs/09_detectron2.ipynb #c005
+# ---- Is detectron2 there? ------------------------------------------------------------------------------------------
 INSTALL_HINT = (
     "detectron2 and the official Mask2Former are not on the package registries. In an environment whose torch has a "
     "matching torchvision (detectron2 imports it; install the pair first, e.g. `pip install torch==2.14.1 "
@@ -88,6 +89,7 @@ def require_detectron2(mask2former: bool = True) -> None:
         raise ImportError(reason)
 
 # %% ../nbs/09_detectron2.ipynb #c010
+# ---- Deformable attention on CPU -----------------------------------------------------------------------------------
 MSDA_MODULE = "MultiScaleDeformableAttention"
 "The name under which Mask2Former imports its compiled deformable-attention op."
 
@@ -141,8 +143,9 @@ def import_mask2former() -> types.ModuleType:
     return importlib.import_module("mask2former")
 
 # %% ../nbs/09_detectron2.ipynb #c014
+# ---- Config keys: MODEL.MARS ---------------------------------------------------------------------------------------
 MARS_MODES = ("none", "rotaug", "mars")
-"Training modes, as in `mars_nb.train.MODES`."
+"Training modes, as in `mars_nb.config.MODES`."
 
 STAGE_KEYS = {"backbone": "BACKBONE", "pixel_decoder": "PIXEL_DECODER", "attention": "ATTENTION", "output": "OUTPUT"}
 "Config node of each MARS stage under `MODEL.MARS`."
@@ -153,7 +156,7 @@ def mars_keys(config: str | Mapping | None = None, angles=None, eval_angles: Seq
     """The `MODEL.MARS` node (a plain nested dict) for a MARS configuration (`resolve_config`: preset name,
     dict or None = hybrid), an angle policy (`AnglePolicy` or dict(kind, values); default `AnglePolicy()`)
     and sweep angles (default `EvalConfig().angles`)."""
-    from mars_nb.train import AnglePolicy, EvalConfig  # noqa: PLC0415  (lightning; only when building keys)
+    from mars_nb.config import AnglePolicy, EvalConfig  # noqa: PLC0415  (the configs import transformers' Mask2Former; only when building keys)
     if mode not in MARS_MODES:
         raise ValueError(f"unknown MARS mode {mode!r}; valid: {', '.join(MARS_MODES)}")
     cfg = resolve_config(config)
@@ -234,7 +237,7 @@ def mars_mode(node: Mapping) -> str:
 
 def angle_policy(node: Mapping):
     "The view-2 `AnglePolicy` of `MODEL.MARS.ANGLES`."
-    from mars_nb.train import AnglePolicy  # noqa: PLC0415
+    from mars_nb.config import AnglePolicy  # noqa: PLC0415
     a = _mars_node(node)["ANGLES"]
     return AnglePolicy(kind=a["KIND"], values=[float(v) for v in a["VALUES"]])
 
@@ -270,6 +273,7 @@ def set_mars_preset(cfg, config: str | Mapping) -> None:
     _open_options(node)
 
 # %% ../nbs/09_detectron2.ipynb #c020
+# ---- The official Mask2Former, configured --------------------------------------------------------------------------
 D2_ARCH: dict[str, Any] = {
     "MODEL.META_ARCHITECTURE": "MarsMaskFormer",
     "MODEL.WEIGHTS": "",
@@ -378,6 +382,7 @@ def build_config(preset: str | None = "tiny", dataset: str | None = "craters", c
     return cfg
 
 # %% ../nbs/09_detectron2.ipynb #c023
+# ---- The datasets in detectron2's catalogs -------------------------------------------------------------------------
 _SCENES: dict[str, Any] = {}
 
 
@@ -462,6 +467,7 @@ def is_mars_dataset(name: str) -> bool:
     return name in MetadataCatalog.list() and getattr(MetadataCatalog.get(name), "mars_dataset", None) is not None
 
 # %% ../nbs/09_detectron2.ipynb #c028
+# ---- Mappers: records → two views ----------------------------------------------------------------------------------
 def semantic_instances(sem_seg: Tensor, num_classes: int, ignore_index: int = IGNORE):
     "detectron2 `Instances` for a label map `[H, W]`: one mask per class present (`gt_masks` bool), ignore in none."
     from detectron2.structures import Instances  # noqa: PLC0415
@@ -555,6 +561,7 @@ class RotatedViewMapper:
         return out
 
 # %% ../nbs/09_detectron2.ipynb #c030
+# ---- The meta-architecture: two views in one batch -----------------------------------------------------------------
 def angle_groups(angles: Sequence[float], sizes: Sequence[tuple[int, int]]) -> list[tuple[float, tuple[int, int], list[int]]]:
     "Sample indices sharing (angle, image size), in order of first appearance: [(angle, (H, W), [i, ...]), ...]."
     if len(angles) != len(sizes):
@@ -719,6 +726,7 @@ def build_mars_model(cfg) -> nn.Module:
     return build_model(cfg)
 
 # %% ../nbs/09_detectron2.ipynb #c040
+# ---- The trainer ---------------------------------------------------------------------------------------------------
 NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.InstanceNorm1d,
               nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm, nn.LocalResponseNorm)
 "Modules whose parameters take `SOLVER.WEIGHT_DECAY_NORM`."

@@ -15,6 +15,7 @@ import torch
 from torchmetrics.classification import MulticlassJaccardIndex
 from tqdm.auto import tqdm
 
+from .files import atomic_write
 from .model import predict_semantic
 from .views import IGNORE, rotate_labels
 
@@ -130,9 +131,7 @@ def write_sweep(df: pd.DataFrame, out_dir: str | Path, extra: dict | None = None
         np.savez_compressed(out / "tiles.npz", confusion=np.asarray(confusion, dtype=np.int64),
                             angles=df["angle"].to_numpy(dtype=float))
     metrics = {**summarize(df), **(extra or {})}
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2))
-    tmp.replace(out / "metrics.json")
+    with atomic_write(out / "metrics.json") as tmp: tmp.write_text(json.dumps(metrics, indent=2))
     return metrics
 
 

@@ -42,7 +42,8 @@ def predict_images(run_dir: str | Path, inputs: Sequence[str | Path], out_dir: s
     from tqdm.auto import tqdm  # noqa: PLC0415
     from mars_nb.data import _read_image  # noqa: PLC0415
     from mars_nb.model import pad_to_multiple, semantic_probs  # noqa: PLC0415
-    from mars_nb.train import dataset_for, load_trained  # noqa: PLC0415
+    from mars_nb.pairs import dataset_for  # noqa: PLC0415
+    from mars_nb.runfolder import load_trained  # noqa: PLC0415
     from mars_nb.views import IGNORE, rotate, rotate_labels  # noqa: PLC0415
     files = image_files(inputs)
     model, cfg = load_trained(run_dir)

@@ -26,7 +26,7 @@ __all__ = ['CONTROLS', 'SUMMARY_COLUMNS', 'MDE_FACTOR', 'ANGLE_SETS', 'seen_angl
 def seen_angles(run_dir: str | Path, angles) -> np.ndarray:
     """Which evaluation `angles` a run turned its training images to: view 1's (upright unless `view1_angles`) and
     view 2's policies, modulo 360 (mode `none` sees the upright image only)."""
-    from mars_nb.train import AnglePolicy  # noqa: PLC0415
+    from mars_nb.config import AnglePolicy  # noqa: PLC0415
     t = (yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}).get("train") or {}
     policies = [] if t.get("mode", "rotaug") == "none" else [AnglePolicy(**t.get("angles") or {})]
     if t.get("view1_angles"): policies.append(AnglePolicy(**t["view1_angles"]))
@@ -219,7 +219,7 @@ def plot_training_curves(root: str | Path, runs: pd.DataFrame, order: list[str] 
     "Supervised training loss per config (mean over seeds, running mean over `smooth` logged steps)."
     import matplotlib.pyplot as plt  # noqa: PLC0415
     from matplotlib.ticker import FuncFormatter  # noqa: PLC0415
-    from mars_nb.train import read_log  # noqa: PLC0415
+    from mars_nb.runfolder import read_log  # noqa: PLC0415
     datasets = list(dict.fromkeys(runs["dataset"]))
     configs = order or list(dict.fromkeys(runs["config"]))
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 3.4), squeeze=False)
@@ -241,7 +241,8 @@ def plot_training_curves(root: str | Path, runs: pd.DataFrame, order: list[str] 
 def plot_attention_panels(run_dir: str | Path, angle: float = 30.0, tile: int = 0, title: str = ""):
     "The input tile and stage maps (upright vs rotated back) of a finished run on one test tile, or None without its weights."
     from mars_nb.evaluate import aligned_stage_maps, plot_stage_maps  # noqa: PLC0415
-    from mars_nb.train import dataset_for, load_trained  # noqa: PLC0415
+    from mars_nb.pairs import dataset_for  # noqa: PLC0415
+    from mars_nb.runfolder import load_trained  # noqa: PLC0415
     if not (Path(run_dir) / "model.safetensors").exists(): return None
     model, cfg = load_trained(run_dir)
     ds = dataset_for(cfg)
@@ -522,7 +523,7 @@ def write_report(root: str | Path, order: list[str] | None = None, panels: bool 
 def weight_curves(root: str | Path) -> pd.DataFrame:
     """One row per finished run of a weight grid (configs named `<tap>-x<multiplier>`, plus controls): tap, weight,
     multiplier, replicate, val mean IoU over angles, and the mean logged gradient share of its stages."""
-    from mars_nb.train import read_log  # noqa: PLC0415
+    from mars_nb.runfolder import read_log  # noqa: PLC0415
     runs, _ = collect(root)
     rows = []
     for r in runs.itertuples():

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from mars_nb.ablate import GridError, Run, load_grid, main, run_grid, shard_runs
-from mars_nb.train import FolderLock
+from mars_nb.files import FolderLock
 
 GRID = """\
 out: {out}
@@ -35,6 +35,19 @@ def test_expansion(grid, tmp_path):
     assert all(r.params["steps"] == 7 for r in load_grid(grid, steps=7))
 
 
+def test_order_datasets_finishes_each_dataset_before_the_next(grid):
+    "order: datasets — a grid stopped early leaves whole datasets (regimes), each with every config and seed."
+    by_config = [r.name for r in load_grid(grid)]
+    assert by_config[:4] == ["craters-none-s0", "craters-none-s1", "nuclei-none-s0", "nuclei-none-s1"]
+    grid.write_text(grid.read_text() + "order: datasets\n")
+    by_dataset = [r.name for r in load_grid(grid)]
+    assert by_dataset == ["craters-none-s0", "craters-none-s1", "craters-mars-hybrid-s0", "craters-mars-hybrid-s1",
+                          "nuclei-none-s0", "nuclei-none-s1", "nuclei-mars-hybrid-s0", "nuclei-mars-hybrid-s1"]
+    grid.write_text(grid.read_text().replace("order: datasets", "order: seeds"))
+    with pytest.raises(GridError, match=r"grid.yaml:9: order 'seeds' is not one of \['configs', 'datasets'\]"):
+        load_grid(grid)
+
+
 def test_per_dataset_merges_into_that_datasets_runs_only(tmp_path):
     p = tmp_path / "g.yaml"
     p.write_text("datasets: [craters, nuclei]\nseeds: [0, 1]\nshared: {steps: 2, crop: 64}\n"
@@ -53,7 +66,8 @@ def test_per_dataset_merges_into_that_datasets_runs_only(tmp_path):
     assert runs["nuclei-none-s0"].params == {"steps": 2, "crop": 64, "mode": "none",
                                              "name": "nuclei-none-s0", "dataset": "nuclei", "seed": 0}
     assert all(r.params["steps"] == 3 for r in load_grid(p, steps=3))
-    from mars_nb.train import config_from_params, dataset_for
+    from mars_nb.config import config_from_params
+    from mars_nb.pairs import dataset_for
     c = config_from_params(**runs["craters-none-s1"].params)
     assert c.data.folds == 5 and dataset_for(c).parts["test"] == [(0, (340, 680, 0, 1700))]   # seed 1: fold 1
 
@@ -172,7 +186,7 @@ def test_a_run_held_by_a_live_runner_is_skipped(grid):
     finally:
         held.release()
     assert seen == [runs[1].name] and s["skipped"] == [runs[0].name]
-    assert not (runs[1].out_dir / ".lock").exists()
+    assert FolderLock(runs[1].out_dir / ".lock").acquire()                   # released after its run
 
 
 def test_a_second_runner_skips_the_run_in_progress(grid):
@@ -273,7 +287,7 @@ def test_the_committed_grids_expand(name):
 
 def test_the_regime_grid_offers_unlabelled_crops_where_labels_are_scarce():
     from conftest import ROOT
-    from mars_nb.train import config_from_params
+    from mars_nb.config import config_from_params
     runs = {r.name: config_from_params(**r.params) for r in load_grid(ROOT / "grids" / "regimes.yaml")}
     assert len(runs) == 7 * 8 * 5
     l10 = runs["craters-l10-mars-pixel-s3"]
@@ -285,7 +299,7 @@ def test_the_regime_grid_offers_unlabelled_crops_where_labels_are_scarce():
 
 def test_the_lite0_regimes_join_the_regime_study_without_a_name_in_common():
     from conftest import ROOT
-    from mars_nb.train import config_from_params
+    from mars_nb.config import config_from_params
     lite0 = {r.name: r for r in load_grid(ROOT / "grids" / "regimes-lite0.yaml")}
     tiny = {r.name: r for r in load_grid(ROOT / "grids" / "regimes.yaml")}
     assert len(lite0) == 2 * 5 * 5 and not set(lite0) & set(tiny)

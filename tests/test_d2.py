@@ -18,7 +18,7 @@ from torch import nn
 import mars_nb.d2 as d2
 from mars_nb.losses import DEFAULT_STAGES, PRESET_NAMES, TOP_DEFAULTS, MarsLoss, resolve_config
 from mars_nb.taps import STAGES, TapMeta
-from mars_nb.train import AnglePolicy, EvalConfig
+from mars_nb.config import AnglePolicy, EvalConfig
 from mars_nb.views import IGNORE, Lattice
 
 REASON = d2.missing_reason()

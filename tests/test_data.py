@@ -537,7 +537,8 @@ def test_folder_split_file_fixes_the_split(tmp_path):
 
 
 def test_folder_settings_are_run_parameters(tmp_path):
-    from mars_nb.train import ConfigError, config_from_params, dataset_for
+    from mars_nb.config import ConfigError, config_from_params
+    from mars_nb.pairs import dataset_for
     root = _make_folder(tmp_path / "d", n=4, value=255)
     c = config_from_params(dataset="folder", root=str(root), class_names=["background", "leaf"], label_map={255: 1})
     assert c.data.class_names == ["background", "leaf"] and dataset_for(c).class_names == ["background", "leaf"]

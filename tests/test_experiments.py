@@ -31,7 +31,8 @@ def test_run_notebook_with_a_handful_of_steps(tmp_path):
     # the per-tile confusion counts of the sweep, on the tiles of the split it was asked for
     import numpy as np
     from mars_nb.losses import resolve_config
-    from mars_nb.train import RunConfig, dataset_for
+    from mars_nb.config import RunConfig
+    from mars_nb.pairs import dataset_for
     cfg = RunConfig.from_yaml(out / "config.yaml")
     assert cfg.eval.split == "val" and cfg.mars == resolve_config("hybrid")   # the resolved MARS config is recorded
     with np.load(out / "tiles.npz") as t:
@@ -81,7 +82,7 @@ def test_template_parameters_are_the_run_parameters():
     "Every run parameter (folds, view1_angles and eval_split among them) is a parameter of the template, and only those."
     import ast
     import nbformat
-    from mars_nb.train import RUN_PARAMS
+    from mars_nb.config import RUN_PARAMS
     cell = next(c for c in nbformat.read(TEMPLATE, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
     names = {t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign) for t in node.targets}
     assert names == set(RUN_PARAMS) | {"out_dir"}
@@ -110,7 +111,7 @@ def _fake_root(root, configs, seeds=(0, 1, 2), tiles=6, angles=(0.0, 90.0), with
     import numpy as np
     import pandas as pd
     from mars_nb.evaluate import write_sweep
-    from mars_nb.train import DataConfig, RunConfig
+    from mars_nb.config import DataConfig, RunConfig
     for ci, (config, bonus) in enumerate(configs.items()):
         for seed in seeds:
             rng = np.random.default_rng([ci, seed])
@@ -173,7 +174,7 @@ def test_a_regime_trained_on_some_angles_is_read_on_the_angles_it_never_saw(tmp_
     import numpy as np
     import pandas as pd
     from mars_nb.report import collect, comparisons, regime_effects, seen_angles, summary_table, write_report
-    from mars_nb.train import AnglePolicy, TrainConfig
+    from mars_nb.config import AnglePolicy, TrainConfig
     angles = (0.0, 30.0, 90.0, 180.0, 270.0, 330.0)
     limited = TrainConfig(mode="rotaug", angles=AnglePolicy("range", [-45.0, 45.0]))
     root = _fake_root(tmp_path / "g", {"rotaug": 0, "outcons": 5, "mars-x": 15}, angles=angles, dataset="craters-unseen",

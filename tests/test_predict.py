@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from mars_nb.predict import image_files, main, predict_images
-from mars_nb.train import config_from_params, fit
+from mars_nb.config import config_from_params
+from mars_nb.train import fit
 
 
 @pytest.fixture(scope="module")

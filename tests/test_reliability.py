@@ -15,7 +15,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT
-from mars_nb.train import DataConfig, EvalConfig, RunConfig, TrainConfig, dataset_for, fit, read_log
+from mars_nb.config import DataConfig, EvalConfig, RunConfig, TrainConfig
+from mars_nb.pairs import dataset_for
+from mars_nb.runfolder import read_log
+from mars_nb.train import fit
 
 TESTS = ROOT / "tests"
 

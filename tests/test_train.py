@@ -1,13 +1,18 @@
 """Training: configs round-trip and validate; short runs train, are reproducible, and resume exactly."""
+import os
+import socket
+
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from mars_nb.train import (AnglePolicy, ConfigError, DataConfig, EvalConfig, FolderLock, ModelConfig, NonFiniteLoss,
-                           RunConfig, RunLocked, StepSampler, TrainConfig, ViewPairData, ViewPairs, check_finite,
-                           collate_pairs,
-                           config_from_params, dataset_for, fit, load_trained, read_log)
+from mars_nb.config import (AnglePolicy, ConfigError, DataConfig, EvalConfig, ModelConfig, RunConfig, TrainConfig,
+                            config_from_params)
+from mars_nb.pairs import StepSampler, ViewPairData, ViewPairs, collate_pairs, dataset_for
+from mars_nb.files import FolderLock, RunLocked
+from mars_nb.runfolder import load_trained, read_log
+from mars_nb.train import NonFiniteLoss, check_finite, fit
 from mars_nb.views import IGNORE
 
 
@@ -179,7 +184,8 @@ def test_a_training_batch_not_a_multiple_of_32_is_refused(mode):
 
 DDP_SCRIPT = """
 import sys
-from mars_nb.train import RunConfig, DataConfig, TrainConfig, fit
+from mars_nb.config import RunConfig, DataConfig, TrainConfig
+from mars_nb.train import fit
 cfg = RunConfig(data=DataConfig(dataset="craters", crop=64, batch_size=2),
                 train=TrainConfig(mode="rotaug", steps=3, devices=2, log_every=1, ckpt_every=3, device="cpu"))
 fit(cfg, sys.argv[1], progress=False)
@@ -409,7 +415,6 @@ def test_unreadable_or_unsafe_checkpoints_are_named_not_loaded(trained, tmp_path
 
 
 def test_two_trainings_in_one_folder_are_refused(tmp_path):
-    import os
     import re
     held = FolderLock(tmp_path / ".fit.lock")
     assert held.acquire()
@@ -420,11 +425,34 @@ def test_two_trainings_in_one_folder_are_refused(tmp_path):
         assert not FolderLock(tmp_path / ".fit.lock").acquire()
     finally:
         held.release()
-    assert not (tmp_path / ".fit.lock").exists()
-    (tmp_path / ".fit.lock").write_text("otherhost 12345\n")          # left by a process that died: not a lock
-    other = FolderLock(tmp_path / ".fit.lock")
+    other = FolderLock(tmp_path / ".fit.lock")                          # released: free again
     assert other.acquire()
     other.release()
+    (tmp_path / ".fit.lock").write_text("otherhost 12345\n")          # left by a process that died: not a lock
+    assert other.acquire() and other.holder() == f"{socket.gethostname()} {os.getpid()}"
+    other.release()
+
+
+def test_a_lock_held_by_another_process_is_refused_and_dropped_when_it_dies(tmp_path):
+    "The lock is the operating system's: another process holding it refuses us, and its death frees the folder."
+    import subprocess
+    import sys
+    import time
+    path = tmp_path / ".fit.lock"
+    child = subprocess.Popen([sys.executable, "-c", "import sys, time; from mars_nb.files import FolderLock; "
+                              f"lock = FolderLock({str(path)!r}); assert lock.acquire(); print('held', flush=True); time.sleep(60)"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "held"
+        lock = FolderLock(path)
+        assert not lock.acquire() and lock.holder() == f"{socket.gethostname()} {child.pid}"
+    finally:
+        child.kill(); child.wait()
+    for _ in range(50):                                                  # the kernel drops the lock with the process
+        if lock.acquire(): break
+        time.sleep(0.1)
+    else: raise AssertionError("a dead process still holds the lock")
+    lock.release()
 
 
 @pytest.mark.parametrize("dataset, crop, what", [
@@ -474,7 +502,7 @@ def test_params_map_the_new_parameters_onto_the_config():
     assert config_from_params(view1_angles=[0, 90]).train.view1_angles == AnglePolicy("discrete", [0.0, 90.0])
     d = config_from_params()
     assert d.data.folds is None and d.train.view1_angles is None and d.eval.split == "test"
-    assert {"folds", "view1_angles", "eval_split"} <= set(__import__("mars_nb.train").train.RUN_PARAMS)
+    assert {"folds", "view1_angles", "eval_split"} <= set(__import__("mars_nb.config").config.RUN_PARAMS)
     with pytest.raises(ConfigError, match="eval split 'holdout'"):
         config_from_params(eval_split="holdout")
 
@@ -531,7 +559,7 @@ def test_mode_mars_records_the_resolved_mars_config(tmp_path):
 def test_rotaug_any_views_are_one_crop_turned_by_angle1_and_angle2():
     "With view1_angles, view 1 is the crop turned by angle1 and view 2 the same crop turned by angle2 (about one centre)."
     from mars_nb.data import load_dataset
-    from mars_nb.train import ViewPairData
+    from mars_nb.pairs import ViewPairData
     from mars_nb.views import IGNORE, rotate, rotate_labels
     ds, h = load_dataset("craters"), 128
     pairs = ViewPairs(ds, h, 2, AnglePolicy(**ANY), seed=3, policy1=AnglePolicy(**ANY))
@@ -659,16 +687,16 @@ def test_an_outcons_run_trains_and_logs_the_output_term(tmp_path):
 
 def test_folds_train_on_the_fold_the_seed_picks(tmp_path, monkeypatch):
     "5 folds of 340 rows; seed 7 -> fold 2: test rows 680-1020, val the next band, train the rest (two regions)."
-    from mars_nb import train
-    from mars_nb.train import dataset_for
+    from mars_nb import pairs
+    from mars_nb.pairs import dataset_for
     c = config_from_params(folds=5, seed=7, mode="none", steps=1, crop=64, batch_size=2)
     ds = dataset_for(c)
     assert ds.parts == {"train": [(0, (0, 680, 0, 1700)), (0, (1360, 1700, 0, 1700))],
                         "val": [(0, (1020, 1360, 0, 1700))], "test": [(0, (680, 1020, 0, 1700))]}
     assert dataset_for(config_from_params(folds=5, seed=3)).parts["test"] == [(0, (1020, 1360, 0, 1700))]
     assert dataset_for(config_from_params()).parts["test"] == [(0, (340, 680, 0, 1700))]   # no folds: the bands
-    calls, real = [], train.load_dataset
-    monkeypatch.setattr(train, "load_dataset", lambda name, **kw: calls.append((name, kw)) or real(name, **kw))
+    calls, real = [], pairs.load_dataset
+    monkeypatch.setattr(pairs, "load_dataset", lambda name, **kw: calls.append((name, kw)) or real(name, **kw))
     fit(c, tmp_path, progress=False)
     assert calls == [("craters", {"labelled": 1.0, "unlabelled": False, "folds": 5, "fold": 2})]
     assert RunConfig.from_yaml(tmp_path / "config.yaml").data.folds == 5
