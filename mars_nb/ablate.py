@@ -270,6 +270,28 @@ def run_parallel(argv: list[str], runs: list[Run], jobs: int, cores: int | None 
     failed = {k: v for part in parts for k, v in part["failed"].items()}
     return {"ran": ran, "skipped": [r.name for r in runs if r.name not in ran and r.name not in failed], "failed": failed}
 
+# %% ../nbs/07_ablate.ipynb #ne42f3e8
+def _submit(a, runs: list[Run]) -> int:
+    "`--slurm`: the pending runs as a job array and the report job after it."
+    from mars_nb.slurm import SlurmError, SlurmOptions, submit_grid  # noqa: PLC0415
+    if a.shard or a.jobs != 1 or a.report_only:
+        print("error: --slurm submits one task per pending run: it takes no --shard, --jobs or --report-only", file=sys.stderr)
+        return 2
+    pending = [i for i, r in enumerate(runs) if not is_done(r)]
+    if not pending:
+        print("every run of the grid has finished: nothing to submit (mars-ablate --report-only writes the report)")
+        return 0
+    overrides = [x for k in ("steps", "device", "preset") if getattr(a, k) is not None for x in (f"--{k}", str(getattr(a, k)))]
+    try:
+        opts = SlurmOptions(partition=a.partition, time=a.time, gpus=a.gpus_per_run, cpus=a.cpus_per_run,
+                            parallel=a.parallel, extra=a.sbatch)
+        job = submit_grid(a.grid, len(runs), pending, runs[0].out_dir.parent.parent, opts, overrides)
+    except SlurmError as e:
+        print(f"error: {e}", file=sys.stderr); return 2
+    print(f"submitted array job {job['array']} ({job['tasks']} runs of {len(runs)}) and report job {job['report']} "
+          f"after it; scripts and logs in {Path(job['scripts'][0]).parent}")
+    return 0
+
 # %% ../nbs/07_ablate.ipynb #c013
 GRID_HELP = """grid file (YAML; parameters are those of nbs/experiments/run.ipynb):
   out: reports                      # where runs/<dataset>-<config>-s<seed>/ and the report go
@@ -310,6 +332,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=1,
                     help="runners on this machine at once, sharing its cores (default 1; `make reports` uses 2: on a "
                          "2-core CPU two 1-thread runners are 1.25x faster than one)")
+    sl = ap.add_argument_group("on a SLURM cluster", "--slurm submits a job array, one task per pending run, and a "
+                               "report job after it (mars_nb.slurm)")
+    sl.add_argument("--slurm", action="store_true", help="submit the grid to SLURM instead of running it here")
+    sl.add_argument("--partition", help="SLURM partition (default: the cluster's)")
+    sl.add_argument("--time", default="04:00:00", help="time limit per run (default 04:00:00; a run that hits it resumes)")
+    sl.add_argument("--gpus-per-run", type=int, default=0, help="0 or 1 (default 0)")
+    sl.add_argument("--cpus-per-run", type=int, default=2, help="CPUs per run (default 2)")
+    sl.add_argument("--parallel", type=int, help="array tasks at once (default: as many as SLURM gives)")
+    sl.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
+                    help="a further sbatch option, e.g. --sbatch=--account=abc (repeatable)")
+    ap.add_argument("--report-only", action="store_true", help="run nothing: write the report of the finished runs")
     ap.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)   # runners started by --jobs
     ap.add_argument("--summary", help=argparse.SUPPRESS)                      # where such a runner leaves its summary
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -319,11 +352,15 @@ def main(argv: list[str] | None = None) -> int:
         runs = shard_runs(runs, a.shard)
     except GridError as e:
         print(f"error: {e}", file=sys.stderr); return 2
+    if a.slurm:
+        return _submit(a, runs)
     if a.dry_run:
         for r in runs: print(f"{('changed' if changed_params(r) else 'done') if is_done(r) else 'todo'}  {r.name}  -> {r.out_dir}")
         return 0
     t0 = time.time()
-    if a.jobs != 1:
+    if a.report_only:
+        s = {"ran": [], "skipped": [r.name for r in runs], "failed": {}}
+    elif a.jobs != 1:
         try:
             s = run_parallel(_without_jobs(argv), runs, a.jobs)
         except GridError as e:

@@ -233,7 +233,8 @@ class TrainConfig(YamlConfig):
     view1_angles: AnglePolicy | None = None   # None: view 1 upright; a policy: view 1 turned too (rotaug-any)
     seed: int = 0
     device: str = "auto"              # auto | cpu | cuda
-    devices: int = 1                  # processes (DDP when > 1)
+    devices: int = 1                  # processes per node (DDP when > 1 or num_nodes > 1): one per GPU
+    num_nodes: int = 1                # machines (under SLURM: srun's tasks must be devices x num_nodes)
     precision: str = "auto"           # auto: bf16-mixed on CUDA, 32-true on CPU
     channels_last: bool = False       # convolutions on channels-last tensors (oneDNN's fast layout on CPU; same maths)
     ckpt_every: int = 100
@@ -243,7 +244,7 @@ class TrainConfig(YamlConfig):
     def __post_init__(self):
         if self.mode not in MODES: raise ConfigError(f"mode {self.mode!r} is not one of {list(MODES)}")
         if self.device not in ("auto", "cpu", "cuda"): raise ConfigError(f"device {self.device!r} is not 'auto', 'cpu' or 'cuda'")
-        for k in ("steps", "ckpt_every", "log_every", "devices"):
+        for k in ("steps", "ckpt_every", "log_every", "devices", "num_nodes"):
             if getattr(self, k) < 1: raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
         _need(self.share_every >= 0, f"share_every must be >= 0 steps (0: never), got {self.share_every}")
         _need(self.view1_angles is None or self.mode != "none", "view1_angles turns view 1; mode 'none' trains it alone "

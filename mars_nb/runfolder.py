@@ -48,7 +48,10 @@ def check_resumable(ckpt: str | Path, cfg: RunConfig, num_labels: int, num_chann
     hp = read_checkpoint(ckpt, mmap=True).get("hyper_parameters") or {}
     if not isinstance(hp.get("config"), dict):
         raise ConfigError(f"{ckpt} holds no mars_nb run config (it was not written by `fit`): move it away to train here")
-    diff = config_diff(hp["config"], cfg.to_dict(), RESUME_FREE)
+    try: then = RunConfig.from_dict(hp["config"]).to_dict()     # with the defaults of keys added since it was written
+    except ConfigError as e: raise ConfigError(f"{ckpt} holds a run config this version cannot read ({e}): move it away "
+                                               "to train here") from None
+    diff = config_diff(then, cfg.to_dict(), RESUME_FREE)
     for k, v in (("num_labels", num_labels), ("num_channels", num_channels)):
         if hp.get(k) != v: diff[f"dataset {k}"] = (hp.get(k), v)
     if diff:

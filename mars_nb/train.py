@@ -26,7 +26,7 @@ from .taps import tap_meta
 
 # %% auto #0
 __all__ = ['mars_loss_for', 'MarsModule', 'warmup_poly', 'NonFiniteLoss', 'check_finite', 'check_weights_finite',
-           'resolve_device', 'make_trainer', 'preflight', 'fit']
+           'resolve_device', 'slurm_task_check', 'make_trainer', 'preflight', 'fit', 'main']
 
 # %% ../nbs/05d_train.ipynb #c018
 def mars_loss_for(cfg: RunConfig, model):
@@ -157,6 +157,22 @@ def resolve_device(device: str, precision: str = "auto") -> tuple[str, str]:
     return acc, precision
 
 
+def _under_srun() -> bool:
+    "Whether Lightning will take its ranks from SLURM (its own test: SLURM_NTASKS set, not an interactive job)."
+    return "SLURM_NTASKS" in os.environ and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive")
+
+
+def slurm_task_check(devices: int, num_nodes: int):
+    "Under SLURM, refuse a task count other than `devices` x `num_nodes`: Lightning would train on fewer devices, silently."
+    if not _under_srun(): return
+    tasks, want = int(os.environ["SLURM_NTASKS"]), devices * num_nodes
+    if tasks != want:
+        raise RuntimeError(f"SLURM started {tasks} task(s) for this run, but it is configured for devices={devices} x "
+                           f"num_nodes={num_nodes} = {want}: Lightning would train on {min(tasks, want)} device(s) without a "
+                           f"word. Launch one task per device (srun with --nodes={num_nodes} --ntasks-per-node={devices}, as "
+                           "slurm/train-ddp.sbatch does), or set devices and num_nodes to the tasks you start")
+
+
 def make_trainer(cfg: RunConfig, out_dir: str | Path, progress: bool = True, **overrides) -> L.Trainer:
     "A Lightning trainer writing checkpoints and logs under `out_dir`."
     from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: PLC0415
@@ -165,6 +181,7 @@ def make_trainer(cfg: RunConfig, out_dir: str | Path, progress: bool = True, **o
     for noisy in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(noisy).setLevel(logging.WARNING)   # tips and 'GPU available: False': not what a run says
     acc, precision = resolve_device(t.device, t.precision)
+    slurm_task_check(t.devices, t.num_nodes)
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0,
                            every_n_train_steps=t.ckpt_every, enable_version_counter=False)
     # one log folder per attempt, so a resumed run never overwrites what the interrupted one logged; rows are
@@ -175,11 +192,11 @@ def make_trainer(cfg: RunConfig, out_dir: str | Path, progress: bool = True, **o
         import tensorboard  # noqa: F401, PLC0415
         loggers.append(TensorBoardLogger(out, name="tensorboard", version=attempt, default_hp_metric=False))
     except ImportError: pass
-    kw = dict(accelerator=acc, devices=t.devices, precision=precision, max_steps=t.steps, max_epochs=1,
+    kw = dict(accelerator=acc, devices=t.devices, num_nodes=t.num_nodes, precision=precision, max_steps=t.steps, max_epochs=1,
               logger=loggers, callbacks=[ckpt], log_every_n_steps=t.log_every, enable_progress_bar=progress,
               enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0,
               default_root_dir=out, deterministic=False, plugins=[SafeCheckpointIO()])
-    if t.devices > 1 and acc == "cpu": kw["strategy"] = "ddp"
+    if (t.devices > 1 or t.num_nodes > 1) and acc == "cpu": kw["strategy"] = "ddp"
     return L.Trainer(**{**kw, **overrides})
 
 # %% ../nbs/05d_train.ipynb #c025
@@ -222,3 +239,21 @@ def fit(cfg: RunConfig, out_dir: str | Path, progress: bool = True, ds=None, **t
         return module
     finally:
         lock.release()
+
+# %% ../nbs/05d_train.ipynb #nf307fa8
+def main(argv: list[str] | None = None) -> int:
+    "Console entry point `mars-train`."
+    import argparse  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    from mars_nb.config import ConfigError  # noqa: PLC0415
+    ap = argparse.ArgumentParser(prog="mars-train", description="Train one mars_nb run config (YAML) into a folder; "
+                                 "resumes from the folder's last checkpoint.")
+    ap.add_argument("config", help="a run config, e.g. the config.yaml of an earlier run")
+    ap.add_argument("out_dir", help="the run folder")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar (batch logs)")
+    a = ap.parse_args(argv)
+    try: cfg = RunConfig.from_yaml(Path(a.config))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr); return 2
+    fit(cfg, a.out_dir, progress=not a.no_progress)
+    return 0

@@ -703,3 +703,18 @@ def test_folds_train_on_the_fold_the_seed_picks(tmp_path, monkeypatch):
     for bad in ({"dataset": "nuclei"}, {"dataset": "folder", "root": str(tmp_path)}):
         with pytest.raises(ConfigError, match=r"folds=5: spatial cross-validation needs .*\['craters'\]"):
             config_from_params(folds=5, **bad)
+
+
+def test_under_slurm_a_task_count_other_than_devices_times_nodes_is_refused(monkeypatch):
+    "Lightning takes its world from srun and would train on fewer devices without a word: refused, naming both counts."
+    from mars_nb.train import slurm_task_check
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    with pytest.raises(RuntimeError, match=r"SLURM started 1 task\(s\) for this run, but it is configured for devices=2 x "
+                                           r"num_nodes=1 = 2: Lightning would train on 1 device\(s\)"):
+        slurm_task_check(2, 1)
+    slurm_task_check(1, 1)                                       # one task, one device: fine
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    slurm_task_check(4, 2)
+    monkeypatch.setenv("SLURM_JOB_NAME", "interactive")          # srun --job-name=interactive: Lightning's own opt-out
+    slurm_task_check(2, 1)
