@@ -70,8 +70,8 @@ def _install() -> str | None:
         return "slurm-wlm and munge are not installed, and only root with apt-get could install them"
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "slurm-wlm", "munge"]):
-        try: p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-        except subprocess.TimeoutExpired: return f"{' '.join(cmd)} took more than 15 minutes"
+        try: p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        except subprocess.TimeoutExpired: return f"{' '.join(cmd)} took more than 5 minutes"
         if p.returncode != 0: return f"{' '.join(cmd)} failed: {(p.stderr or p.stdout).strip()[-400:]}"
     missing = [t for t in TOOLS if not _tool(t)]
     return f"installed slurm-wlm and munge, but {missing} are still missing" if missing else None
