@@ -28,8 +28,8 @@ def _config():
     return config
 
 # %% auto #0
-__all__ = ['GRID_KEYS', 'ORDERS', 'GRID_HELP', 'default_template', 'GridError', 'Run', 'load_grid', 'shard_runs', 'is_done',
-           'changed_params', 'execute', 'run_step', 'run_grid', 'run_parallel', 'main']
+__all__ = ['GRID_KEYS', 'ORDERS', 'RUNNER', 'GRID_HELP', 'default_template', 'GridError', 'Run', 'load_grid', 'shard_runs',
+           'is_done', 'changed_params', 'execute', 'run_step', 'run_grid', 'run_parallel', 'main']
 
 # %% ../nbs/07_ablate.ipynb #c005
 GRID_KEYS = ("out", "datasets", "seeds", "shared", "per_dataset", "configs", "order")
@@ -237,7 +237,8 @@ def run_grid(runs: list[Run], execute=execute, progress: bool = True) -> dict:
     return summary
 
 # %% ../nbs/07_ablate.ipynb #c011
-_CHILD = "import sys; from mars_nb.ablate import main; sys.exit(main(sys.argv[1:]))"
+RUNNER = "import sys; from mars_nb.ablate import main; sys.exit(main(sys.argv[1:]))"
+"The grid runner as `python -c RUNNER GRID ...`: what `--jobs` starts and what a SLURM array task runs."
 
 
 def run_parallel(argv: list[str], runs: list[Run], jobs: int, cores: int | None = None, poll: float = 2.0,
@@ -251,7 +252,7 @@ def run_parallel(argv: list[str], runs: list[Run], jobs: int, cores: int | None 
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     with tempfile.TemporaryDirectory() as tmp:
         outs = [Path(tmp) / f"runner{i}.json" for i in range(jobs)]
-        procs = [subprocess.Popen([sys.executable, "-c", _CHILD, *argv, "--no-report", "--quiet", "--summary", str(o)],
+        procs = [subprocess.Popen([sys.executable, "-c", RUNNER, *argv, "--no-report", "--quiet", "--summary", str(o)],
                                   env=env) for o in outs]
         bar = tqdm(total=len(runs), desc=f"grid ({jobs} runners x {threads} threads)", unit="run", disable=not progress)
         try:
@@ -336,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
                                "report job after it (mars_nb.slurm)")
     sl.add_argument("--slurm", action="store_true", help="submit the grid to SLURM instead of running it here")
     sl.add_argument("--partition", help="SLURM partition (default: the cluster's)")
-    sl.add_argument("--time", default="04:00:00", help="time limit per run (default 04:00:00; a run that hits it resumes)")
+    sl.add_argument("--time", default="04:00:00",
+                    help="time limit per run (default 04:00:00; a run that hits it stops, and submitting again resumes it)")
     sl.add_argument("--gpus-per-run", type=int, default=0, help="0 or 1 (default 0)")
     sl.add_argument("--cpus-per-run", type=int, default=2, help="CPUs per run (default 2)")
     sl.add_argument("--parallel", type=int, help="array tasks at once (default: as many as SLURM gives)")

@@ -13,8 +13,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .ablate import RUNNER
+
 # %% auto #0
-__all__ = ['RUNNER', 'SlurmError', 'SlurmOptions', 'array_spec', 'array_script', 'report_script', 'sbatch', 'submit_grid']
+__all__ = ['SlurmError', 'SlurmOptions', 'array_spec', 'array_script', 'report_script', 'sbatch', 'submit_grid']
 
 # %% ../nbs/07a_slurm.ipynb #n8e9f40c
 class SlurmError(RuntimeError):
@@ -25,7 +27,7 @@ class SlurmError(RuntimeError):
 class SlurmOptions:
     "What each array task asks SLURM for."
     partition: str | None = None      # None: the cluster's default partition
-    time: str = "04:00:00"            # per run; a run that hits it is requeued and resumes
+    time: str = "04:00:00"            # per run; a run that hits it stops, and submitting again resumes it
     gpus: int = 0                     # per run: 0 (CPU) or 1; one run on several GPUs is slurm/train-ddp.sbatch's job
     cpus: int = 2                     # per run; torch uses this many threads
     parallel: int | None = None       # tasks at once (None: as many as SLURM gives)
@@ -51,9 +53,6 @@ def array_spec(indices: list[int], parallel: int | None = None) -> str:
     return ",".join(parts) + (f"%{parallel}" if parallel else "")
 
 # %% ../nbs/07a_slurm.ipynb #n32029c8
-RUNNER = "import sys; from mars_nb.ablate import main; sys.exit(main(sys.argv[1:]))"
-
-
 def _sbatch_lines(opts: SlurmOptions) -> list[str]:
     lines = [f"--time={opts.time}", f"--cpus-per-task={opts.cpus}", "--ntasks=1"]
     if opts.gpus: lines.append(f"--gpus-per-task={opts.gpus}")

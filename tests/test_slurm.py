@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from mars_nb.config import DataConfig, RunConfig, TrainConfig
 from mars_nb.runfolder import read_log
-from mars_nb.slurm import RUNNER
+from mars_nb.ablate import RUNNER
 
 pytestmark = pytest.mark.slow
 
