@@ -6,17 +6,19 @@ and `fit`: the one call a run makes."""
 # %% ../nbs/05d_train.ipynb #c002
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
 
-from .config import STRIDE, RunConfig
+from .config import STRIDE, ConfigError, RunConfig
 from .files import FolderLock, RunLocked
 from .losses import MarsLoss, gradient_shares
 from .model import build_model, mask2former_loss
@@ -243,9 +245,6 @@ def fit(cfg: RunConfig, out_dir: str | Path, progress: bool = True, ds=None, **t
 # %% ../nbs/05d_train.ipynb #nf307fa8
 def main(argv: list[str] | None = None) -> int:
     "Console entry point `mars-train`."
-    import argparse  # noqa: PLC0415
-    import sys  # noqa: PLC0415
-    from mars_nb.config import ConfigError  # noqa: PLC0415
     ap = argparse.ArgumentParser(prog="mars-train", description="Train one mars_nb run config (YAML) into a folder; "
                                  "resumes from the folder's last checkpoint.")
     ap.add_argument("config", help="a run config, e.g. the config.yaml of an earlier run")

@@ -718,3 +718,14 @@ def test_under_slurm_a_task_count_other_than_devices_times_nodes_is_refused(monk
     slurm_task_check(4, 2)
     monkeypatch.setenv("SLURM_JOB_NAME", "interactive")          # srun --job-name=interactive: Lightning's own opt-out
     slurm_task_check(2, 1)
+
+
+def test_a_checkpoint_written_before_a_config_key_existed_still_resumes(tmp_path):
+    "check_resumable reads the checkpoint's config with today's defaults: a key added since (num_nodes) is no difference."
+    from mars_nb.runfolder import check_resumable
+    old = RunConfig().to_dict()
+    del old["train"]["num_nodes"]
+    torch.save({"hyper_parameters": {"config": old, "num_labels": 2, "num_channels": 1}}, tmp_path / "last.ckpt")
+    check_resumable(tmp_path / "last.ckpt", RunConfig(), 2, 1)
+    with pytest.raises(ConfigError, match=r"train.num_nodes: 1 in the checkpoint, 2 now"):
+        check_resumable(tmp_path / "last.ckpt", RunConfig(train=TrainConfig(num_nodes=2)), 2, 1)

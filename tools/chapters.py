@@ -50,7 +50,7 @@ def scrub(nb) -> None:
             elif out.output_type == "error":
                 raise RuntimeError(f"cell raised {out.ename}: {out.evalue}")
             else:
-                out.pop("execution_count", None) if out.output_type != "execute_result" else out.update(execution_count=None)
+                if out.output_type == "execute_result": out.execution_count = None
                 for mime in ("text/plain", "text/html", "text/markdown"):
                     if mime in out.get("data", {}): out.data[mime] = scrub_text(out.data[mime])
             kept.append(out)
