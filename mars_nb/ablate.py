@@ -350,8 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     a = ap.parse_args(argv)
     try:
-        runs = load_grid(a.grid, out=a.out, steps=a.steps, device=a.device, preset=a.preset)
-        runs = shard_runs(runs, a.shard)
+        grid = load_grid(a.grid, out=a.out, steps=a.steps, device=a.device, preset=a.preset)
+        runs = shard_runs(grid, a.shard)
     except GridError as e:
         print(f"error: {e}", file=sys.stderr); return 2
     if a.slurm:
@@ -379,6 +379,6 @@ def main(argv: list[str] | None = None) -> int:
     if not a.no_report and runs:
         from mars_nb.report import write_report  # noqa: PLC0415
         root = runs[0].out_dir.parent.parent
-        write_report(root, datasets=list(dict.fromkeys(r.dataset for r in runs)))
+        write_report(root, datasets=list(dict.fromkeys(r.dataset for r in grid)), expected=grid)
         print(f"report: {root / 'README.md'} (figures in {root / 'figures'}, every run under {root / 'runs'})")
     return 1 if s["failed"] else 0

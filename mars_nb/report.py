@@ -20,7 +20,8 @@ __all__ = ['CONTROLS', 'SUMMARY_COLUMNS', 'MDE_FACTOR', 'ANGLE_SETS', 'seen_angl
            'collect_features', 'plot_feature_consistency', 'plot_training_curves', 'plot_attention_panels',
            'mean_fg_iou', 'tile_bootstrap', 'run_confusion', 'strongest_control', 'compare', 'comparisons',
            'regime_effects', 'plot_regime_map', 'paired_differences', 'verdict', 'reading', 'comparisons_markdown',
-           'write_readme', 'write_report', 'weight_curves', 'choose_weights', 'plot_weight_curves', 'weights_section']
+           'unfinished', 'progress_note', 'write_readme', 'write_report', 'weight_curves', 'choose_weights',
+           'plot_weight_curves', 'weights_section']
 
 # %% ../nbs/08_report.ipynb #c005
 def seen_angles(run_dir: str | Path, angles) -> np.ndarray:
@@ -452,16 +453,35 @@ def comparisons_markdown(comps: pd.DataFrame) -> str:
                           + f" {r.diff:+.3f} | [{r.lo:+.3f}, {r.hi:+.3f}] | {r.mde:.3f} | {r.n} |\n" for r in comps.itertuples())
 
 
+def unfinished(runs: pd.DataFrame, expected) -> dict[str, tuple[int, int]]:
+    """The datasets (regimes) of `expected` — a grid's runs, each with `.name` and `.dataset` — that still have runs to
+    finish: dataset -> (finished, expected)."""
+    done, want = set(runs["run"]), {}
+    for r in expected: want.setdefault(r.dataset, []).append(r.name)
+    return {d: (len(done & set(names)), len(names)) for d, names in want.items() if not set(names) <= done}
+
+
+def progress_note(runs: pd.DataFrame, pending: dict[str, tuple[int, int]]) -> str:
+    "What a report of an unfinished grid says first: which regimes are still running, and why they are not compared."
+    if not pending: return ""
+    left = ", ".join(f"{d} ({k} of {n})" for d, (k, n) in pending.items())
+    return ("**In progress.** Still running: " + left + ". Their finished runs are in the tables with the replicates "
+            "they have, but they are compared, mapped and read only when every run of the regime has finished: the "
+            "strongest control picked among some controls, or a configuration on some folds only, would mislead.\n")
+
+
 def write_readme(root: Path, runs: pd.DataFrame, table: pd.DataFrame, figures: list[str], extra: str = "",
-                 comps: pd.DataFrame | None = None):
-    "reports/README.md: the table, the comparisons, the reading and every figure."
+                 comps: pd.DataFrame | None = None, pending: dict[str, tuple[int, int]] | None = None):
+    """reports/README.md: the table, the comparisons, the reading and every figure (`pending`: regimes still running,
+    said first and left out of the reading)."""
+    whole = ~table["dataset"].isin(pending or {})
     seeds = sorted(int(s) for s in runs["seed"].unique())
     classes = [c[4:-5] for c in runs.columns if c.startswith("iou_") and c.endswith("_mean") and c != "iou_background_mean"]
     text = [f"# Results\n", f"{runs['run'].nunique()} runs: {runs['config'].nunique()} configurations × "
             f"{runs['dataset'].nunique()} datasets × replicates {seeds} (seeds; with spatial cross-validation the seed "
             "also picks the fold). Summary: mean ± 95% confidence interval over replicates (Student t). IoU is the "
             f"foreground IoU — the mean IoU of the non-background classes ({'; '.join(classes) or 'all but background'}) "
-            "— on held-out test tiles.\n",
+            "— on held-out test tiles.\n", progress_note(runs, pending or {}),
             "![foreground IoU vs angle](figures/iou_vs_angle.png)\n", "## Summary\n", to_markdown(table)]
     per_class = class_iou_markdown(runs, list(dict.fromkeys(table["config"])))
     if per_class:
@@ -469,16 +489,18 @@ def write_readme(root: Path, runs: pd.DataFrame, table: pd.DataFrame, figures: l
                  "non-background classes):\n", per_class]
     if comps is not None and len(comps):
         text += ["\n## Comparisons\n", comparisons_markdown(comps)]
-    text += ["\n## Reading\n", reading(runs, table, comps), extra, "\n## Figures\n"]
+    text += ["\n## Reading\n", reading(runs, table[whole], comps), extra, "\n## Figures\n"]
     text += [f"![{f}](figures/{f})\n" for f in figures if f != "iou_vs_angle.png"]
     text.append("\nEvery run's executed notebook, config, logs and metrics are under `runs/`.\n")
     (root / "README.md").write_text("\n".join(text))
 
 # %% ../nbs/08_report.ipynb #c018
 def write_report(root: str | Path, order: list[str] | None = None, panels: bool = True,
-                 dest: str | Path | None = None, datasets: list[str] | None = None) -> pd.DataFrame:
+                 dest: str | Path | None = None, datasets: list[str] | None = None, expected=()) -> pd.DataFrame:
     """Every figure under `dest/figures`, `summary.csv`, `summary.md`, `runs.csv` and `README.md` for the runs
-    under `root` (`dest`: where the report goes, default `root` itself; `datasets`: the regime map's row order)."""
+    under `root` (`dest`: where the report goes, default `root` itself; `datasets`: the regime map's row order;
+    `expected`: the grid's runs — a regime with runs still to finish is tabled but not compared, mapped or read.
+    Regimes of other grids that write into `root` are taken as they stand)."""
     import matplotlib.pyplot as plt  # noqa: PLC0415
     root = Path(root)
     runs, sweeps = collect(root)
@@ -502,7 +524,9 @@ def write_report(root: str | Path, order: list[str] | None = None, panels: bool 
             fig = plot_attention_panels(root / "runs" / run, title=f"{tag} configuration by mean foreground IoU over "
                                         f"angles: {row['config']} ({row['fg_iou_mean']:.3f})\n")
             if fig is not None: figs[f"attention_{tag}.png"] = fig
-    comps = comparisons(root, runs, table)
+    pending = unfinished(runs, expected)
+    whole = runs[~runs["dataset"].isin(pending)]
+    comps = comparisons(root, whole, table) if len(whole) else pd.DataFrame()
     comps = comps.dropna(subset=["lo"]) if len(comps) else comps      # runs without per-tile counts: no bootstrap
     effects = regime_effects(comps, table) if len(comps) else comps
     if datasets and len(effects):
@@ -515,8 +539,9 @@ def write_report(root: str | Path, order: list[str] | None = None, panels: bool 
     (out / "summary.md").write_text(to_markdown(table))
     runs.to_csv(out / "runs.csv", index=False)
     if len(comps): comps.to_csv(out / "comparisons.csv", index=False)
+    else: (out / "comparisons.csv").unlink(missing_ok=True)          # none yet: no table left from an earlier report
     extra = weights_section(root, figdir) if any("-x" in c for c in runs["config"]) else ""
-    write_readme(out, runs, table, list(figs), comps=comps, extra=extra)
+    write_readme(out, runs, table, list(figs), comps=comps, extra=extra, pending=pending)
     return table
 
 # %% ../nbs/08_report.ipynb #nf743c62

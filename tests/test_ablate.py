@@ -242,6 +242,17 @@ def test_cli_dry_run_and_bad_grid(grid, tmp_path, capsys):
     assert "mode 'nonsense'" in capsys.readouterr().err
 
 
+def test_the_report_is_told_the_whole_grid_even_from_a_shard(grid, monkeypatch, capsys):
+    "The report hears which runs the grid has (so it can hold back unfinished regimes), not only this shard's."
+    import mars_nb.report as report
+    told = {}
+    monkeypatch.setattr(report, "write_report", lambda root, **kw: told.update(root=root, **kw))
+    assert main([str(grid), "--report-only", "--shard", "1/2"]) == 0
+    runs = load_grid(grid)
+    assert [r.name for r in told["expected"]] == [r.name for r in runs] and told["root"] == runs[0].out_dir.parent.parent
+    assert told["datasets"] == ["craters", "nuclei"]
+
+
 def test_jobs_runners_share_the_grid_each_run_once(tmp_path, capsys):
     """`--jobs 2` starts two real runners (papermill, one thread each) that split a small grid: every run is done
     by exactly one of them (one training attempt, one done.json), and the summary counts every run once."""

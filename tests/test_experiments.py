@@ -221,3 +221,26 @@ def test_the_report_gives_every_class_by_name():
     text = class_iou_markdown(runs, ["rotaug", "mars"])
     assert "| config | background | nucleus | membrane |" in text
     assert "| rotaug | 0.910 ± 0.127 | 0.510 ± 0.127 | 0.310 ± 0.127 |" in text
+
+
+def test_a_regime_still_running_is_tabled_but_not_compared(tmp_path):
+    import pandas as pd
+    from types import SimpleNamespace
+    from mars_nb.report import collect, unfinished, write_report
+    root = _fake_root(tmp_path / "g", {"rotaug": 0, "outcons": 5, "mars-x": 15}, dataset="craters-a")
+    _fake_root(root, {"rotaug": 0, "mars-x": 15}, seeds=(0,), dataset="craters-b")   # outcons not begun, mars-x 1 of 3
+    grid = [SimpleNamespace(name=f"{d}-{c}-s{s}", dataset=d) for d in ("craters-a", "craters-b")
+            for c in ("rotaug", "outcons", "mars-x") for s in (0, 1, 2)]
+    runs, _ = collect(root)
+    assert unfinished(runs, grid) == {"craters-b": (2, 9)} and unfinished(runs, grid[:9]) == {}
+    write_report(root, panels=False)                       # not told the grid: craters-b's lone runs are compared ...
+    assert "craters-b" in set(pd.read_csv(root / "comparisons.csv")["dataset"])
+    write_report(root, panels=False, expected=grid)        # ... told: tabled, but neither compared nor read
+    readme = (root / "README.md").read_text()
+    assert set(pd.read_csv(root / "comparisons.csv")["dataset"]) == {"craters-a"}
+    assert "**In progress.** Still running: craters-b (2 of 9)." in readme
+    assert "**craters-a.**" in readme and "**craters-b.**" not in readme
+    assert set(pd.read_csv(root / "summary.csv")["dataset"]) == {"craters-a", "craters-b"}
+    write_report(root, panels=False, expected=grid + [SimpleNamespace(name="craters-a-mars-y-s0", dataset="craters-a")])
+    assert not (root / "comparisons.csv").exists(), "nothing whole to compare: no table left from the last report"
+    assert "## Comparisons" not in (root / "README.md").read_text()
