@@ -475,13 +475,14 @@ def write_readme(root: Path, runs: pd.DataFrame, table: pd.DataFrame, figures: l
     """reports/README.md: the table, the comparisons, the reading and every figure (`pending`: regimes still running,
     said first and left out of the reading)."""
     whole = ~table["dataset"].isin(pending or {})
+    splits = sorted(set(runs["split"].dropna())) if "split" in runs else []       # runs evaluated on val say so
     seeds = sorted(int(s) for s in runs["seed"].unique())
     classes = [c[4:-5] for c in runs.columns if c.startswith("iou_") and c.endswith("_mean") and c != "iou_background_mean"]
     text = [f"# Results\n", f"{runs['run'].nunique()} runs: {runs['config'].nunique()} configurations × "
             f"{runs['dataset'].nunique()} datasets × replicates {seeds} (seeds; with spatial cross-validation the seed "
             "also picks the fold). Summary: mean ± 95% confidence interval over replicates (Student t). IoU is the "
             f"foreground IoU — the mean IoU of the non-background classes ({'; '.join(classes) or 'all but background'}) "
-            "— on held-out test tiles.\n", progress_note(runs, pending or {}),
+            f"— on held-out {' and '.join(splits) or 'test'} tiles.\n", progress_note(runs, pending or {}),
             "![foreground IoU vs angle](figures/iou_vs_angle.png)\n", "## Summary\n", to_markdown(table)]
     per_class = class_iou_markdown(runs, list(dict.fromkeys(table["config"])))
     if per_class:

@@ -244,3 +244,15 @@ def test_a_regime_still_running_is_tabled_but_not_compared(tmp_path):
     write_report(root, panels=False, expected=grid + [SimpleNamespace(name="craters-a-mars-y-s0", dataset="craters-a")])
     assert not (root / "comparisons.csv").exists(), "nothing whole to compare: no table left from the last report"
     assert "## Comparisons" not in (root / "README.md").read_text()
+
+
+def test_a_report_says_which_tiles_it_scored(tmp_path):
+    "Runs evaluated on the val band (the weight sweep) are reported as such, not as test results."
+    from mars_nb.report import write_report
+    root = _fake_root(tmp_path / "g", {"rotaug": 0, "mars-x": 5}, seeds=(0, 1))
+    write_report(root, panels=False)
+    assert "on held-out test tiles." in (root / "README.md").read_text()
+    for m in root.glob("runs/*/metrics.json"):
+        m.write_text(json.dumps({**json.loads(m.read_text()), "split": "val"}))
+    write_report(root, panels=False)
+    assert "on held-out val tiles." in (root / "README.md").read_text()
