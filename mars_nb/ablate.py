@@ -14,6 +14,7 @@ import os
 import sys
 import time
 import traceback
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -286,7 +287,7 @@ def _submit(a, runs: list[Run]) -> int:
     try:
         opts = SlurmOptions(partition=a.partition, time=a.time, gpus=a.gpus_per_run, cpus=a.cpus_per_run,
                             parallel=a.parallel, extra=a.sbatch)
-        job = submit_grid(a.grid, len(runs), pending, runs[0].out_dir.parent.parent, opts, overrides)
+        job = submit_grid(a.grid[0], len(runs), pending, runs[0].out_dir.parent.parent, opts, overrides)
     except SlurmError as e:
         print(f"error: {e}", file=sys.stderr); return 2
     print(f"submitted array job {job['array']} ({job['tasks']} runs of {len(runs)}) and report job {job['report']} "
@@ -322,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     "Console entry point `mars-ablate`."
     ap = argparse.ArgumentParser(prog="mars-ablate", description="Run a MARS ablation grid and write its report.",
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=GRID_HELP)
-    ap.add_argument("grid", help="grid YAML file")
+    ap.add_argument("grid", nargs="+", help="grid YAML file; several run one after another and are reported together")
     ap.add_argument("--out", help="output root (default: the grid's `out`, else reports)")
     ap.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     ap.add_argument("--shard", help="run only shard i/n of the grid, e.g. 0/2")
@@ -350,11 +351,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     a = ap.parse_args(argv)
     try:
-        grid = load_grid(a.grid, out=a.out, steps=a.steps, device=a.device, preset=a.preset)
+        grid = [r for g in a.grid for r in load_grid(g, out=a.out, steps=a.steps, device=a.device, preset=a.preset)]
+        twice = sorted(str(d) for d, k in Counter(r.out_dir for r in grid).items() if k > 1)
+        if twice: raise GridError(f"the grids {a.grid} share run folders: {twice[:3]}; a run belongs to one grid")
         runs = shard_runs(grid, a.shard)
     except GridError as e:
         print(f"error: {e}", file=sys.stderr); return 2
     if a.slurm:
+        if len(a.grid) > 1: print("error: --slurm submits one grid at a time", file=sys.stderr); return 2
         return _submit(a, runs)
     if a.dry_run:
         for r in runs: print(f"{('changed' if changed_params(r) else 'done') if is_done(r) else 'todo'}  {r.name}  -> {r.out_dir}")
@@ -378,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  FAILED {r.name}: {s['failed'][r.name]}{see}")
     if not a.no_report and runs:
         from mars_nb.report import write_report  # noqa: PLC0415
-        root = runs[0].out_dir.parent.parent
-        write_report(root, datasets=list(dict.fromkeys(r.dataset for r in grid)), expected=grid)
-        print(f"report: {root / 'README.md'} (figures in {root / 'figures'}, every run under {root / 'runs'})")
+        for root in dict.fromkeys(r.out_dir.parent.parent for r in grid):       # grids may share one report
+            mine = [r for r in grid if r.out_dir.parent.parent == root]
+            write_report(root, datasets=list(dict.fromkeys(r.dataset for r in mine)), expected=mine)
+            print(f"report: {root / 'README.md'} (figures in {root / 'figures'}, every run under {root / 'runs'})")
     return 1 if s["failed"] else 0

@@ -253,6 +253,25 @@ def test_the_report_is_told_the_whole_grid_even_from_a_shard(grid, monkeypatch, 
     assert told["datasets"] == ["craters", "nuclei"]
 
 
+def test_several_grids_run_in_turn_and_share_one_report(grid, tmp_path, monkeypatch, capsys):
+    "Two grids writing into one folder (the regime study and its Lite0 part) are one study: one report, told both."
+    import mars_nb.report as report
+    second = tmp_path / "second.yaml"
+    second.write_text(GRID.format(out=tmp_path / "out").replace("[craters, nuclei]", "[trees]"))
+    told = []
+    monkeypatch.setattr(report, "write_report", lambda root, **kw: told.append((root, kw)))
+    assert main([str(grid), str(second), "--report-only"]) == 0
+    names = [r.name for r in load_grid(grid) + load_grid(second)]
+    assert len(told) == 1 and [r.name for r in told[0][1]["expected"]] == names
+    assert told[0][1]["datasets"] == ["craters", "nuclei", "trees"]
+    capsys.readouterr()
+    assert main([str(grid), str(second), "--dry-run"]) == 0 and len(capsys.readouterr().out.splitlines()) == 12
+    assert main([str(grid), str(grid), "--dry-run"]) == 2                        # the same runs twice: refused
+    assert "share run folders" in capsys.readouterr().err
+    assert main([str(grid), str(second), "--slurm"]) == 2
+    assert "one grid at a time" in capsys.readouterr().err
+
+
 def test_jobs_runners_share_the_grid_each_run_once(tmp_path, capsys):
     """`--jobs 2` starts two real runners (papermill, one thread each) that split a small grid: every run is done
     by exactly one of them (one training attempt, one done.json), and the summary counts every run once."""
