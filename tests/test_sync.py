@@ -30,3 +30,24 @@ def test_readme_is_generated_from_index():
     venv = Path(sys.executable).parent.parent
     out = subprocess.run(["make", "-s", "print-readme", f"VENV={venv}"], cwd=ROOT, check=True, capture_output=True, text=True)
     assert (ROOT / "README.md").read_text() == out.stdout, "README.md is stale: run `make readme`"
+
+
+def _triples(text: str) -> set[tuple[float, float, float]]:
+    "Every 'difference [low, high]' quoted in `text` (signs as + - or the typographic minus)."
+    import re
+    num = r"([+\-−]?\d+\.\d{3})"
+    return {tuple(float(x.replace("−", "-")) for x in m) for m in re.findall(rf"{num} \[{num}, {num}\]", text)}
+
+
+def test_every_interval_the_readme_quotes_is_in_a_committed_report():
+    "A number in the README comes from reports/: each quoted difference and interval is a row of a comparisons.csv."
+    import pandas as pd
+    rows = set()
+    for f in (ROOT / "reports").rglob("comparisons.csv"):
+        c = pd.read_csv(f)
+        rows |= {(round(d, 3), round(lo, 3), round(hi, 3)) for d, lo, hi in zip(c["diff"], c["lo"], c["hi"])}
+    quoted = _triples((ROOT / "README.md").read_text())
+    assert len(quoted) >= 10, "the README quotes its comparisons"
+    stray = quoted - rows
+    assert not stray, f"README intervals not found in any reports/**/comparisons.csv: {sorted(stray)}"
+    assert _triples("x −0.041 [−0.093, +0.004] y +0.5 [1.0, 2.0]") == {(-0.041, -0.093, 0.004)}
