@@ -355,22 +355,24 @@ def comparisons(root: str | Path, runs: pd.DataFrame, table: pd.DataFrame) -> pd
     return pd.DataFrame(rows)
 
 # %% ../nbs/08_report.ipynb #n81e86dc
-def regime_effects(comps: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
-    """Per dataset (regime) and non-control configuration: the comparison with the strongest control, over the unseen
-    angles where the regime has them, else over all angles (rows of `comparisons`)."""
+def regime_effects(comps: pd.DataFrame, table: pd.DataFrame, control: str | None = None) -> pd.DataFrame:
+    """Per dataset (regime) and non-control configuration: the comparison with `control` (default: the strongest
+    control of the regime), over the unseen angles where the regime has them, else over all angles (rows of
+    `comparisons`)."""
     rows = []
     for dataset in dict.fromkeys(comps["dataset"]):
         c = comps[comps["dataset"] == dataset]
-        strong = strongest_control(table, dataset)
+        against = control or strongest_control(table, dataset)
         angles = "unseen" if "angles" in c and (c["angles"] == "unseen").any() else "all"
         if "angles" in c: c = c[c["angles"] == angles]
-        c = c[(c["control"] == strong) & ~c["config"].isin(CONTROLS)]
+        c = c[(c["control"] == against) & ~c["config"].isin(CONTROLS)]
         rows += [{**r, "angles": angles} for r in c.to_dict("records")]
     return pd.DataFrame(rows)
 
 
-def plot_regime_map(effects: pd.DataFrame, order: list[str] | None = None):
-    "Heat map of `regime_effects`: difference to the strongest control, its interval and detectable effect per cell."
+def plot_regime_map(effects: pd.DataFrame, order: list[str] | None = None,
+                    title: str = "Where does a tap beat the strongest control?"):
+    "Heat map of `regime_effects`: difference to each row's control, its interval and detectable effect per cell."
     import matplotlib.pyplot as plt  # noqa: PLC0415
     from matplotlib.patches import Rectangle  # noqa: PLC0415
     regimes = list(dict.fromkeys(effects["dataset"]))
@@ -388,8 +390,8 @@ def plot_regime_map(effects: pd.DataFrame, order: list[str] | None = None):
     labels = [f"{d}\nvs {first.control[d]}" + (" (unseen angles)" if first.angles[d] == "unseen" else "") for d in regimes]
     ax.set_xticks(range(len(configs)), configs, rotation=20, ha="right", fontsize=8)
     ax.set_yticks(range(len(regimes)), labels, fontsize=8)
-    fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02).set_label("Δ mean foreground IoU vs the strongest control", fontsize=8)
-    ax.set_title("Where does a tap beat the strongest control? (cell: Δ, 95 % interval, detectable effect)", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02).set_label("Δ mean foreground IoU vs the row's control", fontsize=8)
+    ax.set_title(f"{title} (cell: Δ, 95 % interval, detectable effect)", fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -476,14 +478,16 @@ def write_readme(root: Path, runs: pd.DataFrame, table: pd.DataFrame, figures: l
     said first and left out of the reading)."""
     whole = ~table["dataset"].isin(pending or {})
     splits = sorted(set(runs["split"].dropna())) if "split" in runs else []       # runs evaluated on val say so
+    maps = [f for f in ("regime_map.png", "regime_map_rotaug.png") if f in figures]   # the answer comes first
     seeds = sorted(int(s) for s in runs["seed"].unique())
     classes = [c[4:-5] for c in runs.columns if c.startswith("iou_") and c.endswith("_mean") and c != "iou_background_mean"]
     text = [f"# Results\n", f"{runs['run'].nunique()} runs: {runs['config'].nunique()} configurations × "
             f"{runs['dataset'].nunique()} datasets × replicates {seeds} (seeds; with spatial cross-validation the seed "
             "also picks the fold). Summary: mean ± 95% confidence interval over replicates (Student t). IoU is the "
             f"foreground IoU — the mean IoU of the non-background classes ({'; '.join(classes) or 'all but background'}) "
-            f"— on held-out {' and '.join(splits) or 'test'} tiles.\n", progress_note(runs, pending or {}),
-            "![foreground IoU vs angle](figures/iou_vs_angle.png)\n", "## Summary\n", to_markdown(table)]
+            f"— on held-out {' and '.join(splits) or 'test'} tiles.\n", *filter(None, [progress_note(runs, pending or {})]),
+            "![foreground IoU vs angle](figures/iou_vs_angle.png)\n", *[f"![{f}](figures/{f})\n" for f in maps],
+            "## Summary\n", to_markdown(table)]
     per_class = class_iou_markdown(runs, list(dict.fromkeys(table["config"])))
     if per_class:
         text += ["\n## Per-class IoU\n", "Every class's IoU, mean over angles (the foreground IoU above is the mean of the "
@@ -491,7 +495,7 @@ def write_readme(root: Path, runs: pd.DataFrame, table: pd.DataFrame, figures: l
     if comps is not None and len(comps):
         text += ["\n## Comparisons\n", comparisons_markdown(comps)]
     text += ["\n## Reading\n", reading(runs, table[whole], comps), extra, "\n## Figures\n"]
-    text += [f"![{f}](figures/{f})\n" for f in figures if f != "iou_vs_angle.png"]
+    text += [f"![{f}](figures/{f})\n" for f in figures if f != "iou_vs_angle.png" and f not in maps]
     text.append("\nEvery run's executed notebook, config, logs and metrics are under `runs/`.\n")
     (root / "README.md").write_text("\n".join(text))
 
@@ -529,11 +533,13 @@ def write_report(root: str | Path, order: list[str] | None = None, panels: bool 
     whole = runs[~runs["dataset"].isin(pending)]
     comps = comparisons(root, whole, table) if len(whole) else pd.DataFrame()
     comps = comps.dropna(subset=["lo"]) if len(comps) else comps      # runs without per-tile counts: no bootstrap
-    effects = regime_effects(comps, table) if len(comps) else comps
-    if datasets and len(effects):
-        rank = {d: i for i, d in enumerate(datasets)}
-        effects = effects.sort_values("dataset", key=lambda s: s.map(lambda d: rank.get(d, len(rank))), kind="stable")
-    if len(effects): figs["regime_map.png"] = plot_regime_map(effects, order)
+    rank = {d: i for i, d in enumerate(datasets or [])}
+    for name, control, title in (("regime_map.png", None, "Where does a tap beat the strongest control?"),
+                                 ("regime_map_rotaug.png", "rotaug", "Does a tap help over rotation augmentation?")):
+        effects = regime_effects(comps, table, control) if len(comps) else comps
+        effects = effects.sort_values("dataset", key=lambda s: s.map(lambda d: rank.get(d, len(rank))), kind="stable") \
+            if len(effects) else effects
+        if len(effects): figs[name] = plot_regime_map(effects, order, title)
     for name, fig in figs.items():
         fig.savefig(figdir / name, dpi=120, bbox_inches="tight"); plt.close(fig)
     table.to_csv(out / "summary.csv", index=False)

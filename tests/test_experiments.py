@@ -199,6 +199,10 @@ def test_a_regime_trained_on_some_angles_is_read_on_the_angles_it_never_saw(tmp_
     write_report(root, panels=False)
     readme = (root / "README.md").read_text()
     assert (root / "figures" / "regime_map.png").exists() and "regime_map.png" in readme
+    rot = regime_effects(comps, table, "rotaug").set_index("dataset")                  # the second map: vs rotaug
+    assert set(rot["control"]) == {"rotaug"} and rot.loc["craters-unseen", "angles"] == "unseen"
+    assert rot.loc["craters-full", "lo"] < 0 < rot.loc["craters-unseen", "lo"]         # mars-x: -6 there, +15 here
+    assert readme.index("regime_map.png") < readme.index("regime_map_rotaug.png") < readme.index("## Summary")
     assert "IoU unseen" in readme and "over the angles no run was trained on" in readme and "| unseen |" in readme
 
 
