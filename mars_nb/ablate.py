@@ -17,6 +17,7 @@ import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import median
 
 import yaml
 
@@ -30,7 +31,8 @@ def _config():
 
 # %% auto #0
 __all__ = ['GRID_KEYS', 'ORDERS', 'RUNNER', 'GRID_HELP', 'default_template', 'GridError', 'Run', 'load_grid', 'shard_runs',
-           'is_done', 'changed_params', 'execute', 'run_step', 'run_grid', 'run_parallel', 'main']
+           'is_done', 'changed_params', 'execute', 'run_step', 'run_grid', 'grid_status', 'status_text', 'run_parallel',
+           'main']
 
 # %% ../nbs/07_ablate.ipynb #c005
 GRID_KEYS = ("out", "datasets", "seeds", "shared", "per_dataset", "configs", "order")
@@ -237,6 +239,51 @@ def run_grid(runs: list[Run], execute=execute, progress: bool = True) -> dict:
             lock.release()
     return summary
 
+# %% ../nbs/07_ablate.ipynb #n3773067
+def grid_status(runs: list[Run]) -> pd.DataFrame:
+    """Per dataset of `runs`, in grid order: runs finished, begun (a folder, no result) and left, and the run-hours
+    left. Each run left is timed at the median of the finished runs most like it: same dataset and configuration,
+    else same configuration and model preset, else same dataset; `guessed` counts the runs left with none of these
+    (timed at the median of every finished run: a new preset or dataset can cost more)."""
+    import pandas as pd  # noqa: PLC0415
+    took, every = {}, []
+    for r in filter(is_done, runs):
+        s = json.loads((r.out_dir / "done.json").read_text()).get("seconds")
+        if not s: continue
+        every.append(s)
+        for key in _alike(r): took.setdefault(key, []).append(s)
+    overall = median(every) if every else float("nan")
+    rows = []
+    for r in runs:
+        done = is_done(r)
+        known = next((median(took[k]) for k in _alike(r) if k in took), None) if not done else 0.0
+        rows.append({"dataset": r.dataset, "done": done, "begun": not done and r.out_dir.exists(),
+                     "guessed": known is None, "hours_left": (overall if known is None else known) / 3600})
+    t = pd.DataFrame(rows).groupby("dataset", sort=False).agg(
+        runs=("done", "size"), done=("done", "sum"), begun=("begun", "sum"), hours_left=("hours_left", "sum"),
+        guessed=("guessed", "sum"))
+    t["left"] = t["runs"] - t["done"]
+    return t.reset_index()
+
+
+def _alike(r: Run) -> list[tuple]:
+    "The keys a run's time is looked up by, most alike first (see `grid_status`)."
+    return [("dataset+config", r.dataset, r.config), ("config+preset", r.config, r.params.get("preset")),
+            ("dataset", r.dataset)]
+
+
+def status_text(t: pd.DataFrame, jobs: int = 1) -> str:
+    "`grid_status` as the lines `--status` prints, with the wall time left for `jobs` runners at once."
+    lines = [f"{'dataset':24} {'done':>9} {'begun':>6} {'run-hours left':>15}"]
+    lines += [f"{r.dataset:24} {f'{r.done}/{r.runs}':>9} {r.begun:>6} {r.hours_left:>15.1f}" + (" *" if r.guessed else "")
+              for r in t.itertuples()]
+    total = t["hours_left"].sum()
+    lines.append(f"{'all':24} {f'{t.done.sum()}/{t.runs.sum()}':>9} {t.begun.sum():>6} {total:>15.1f}   "
+                 f"(~{total / jobs:.1f} h with {jobs} runner{'s' * (jobs > 1)} at once)")
+    if t["guessed"].any():
+        lines.append("* some runs are like no finished run yet: timed at the median of all finished runs")
+    return "\n".join(lines)
+
 # %% ../nbs/07_ablate.ipynb #c011
 RUNNER = "import sys; from mars_nb.ablate import main; sys.exit(main(sys.argv[1:]))"
 "The grid runner as `python -c RUNNER GRID ...`: what `--jobs` starts and what a SLURM array task runs."
@@ -326,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("grid", nargs="+", help="grid YAML file; several run one after another and are reported together")
     ap.add_argument("--out", help="output root (default: the grid's `out`, else reports)")
     ap.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    ap.add_argument("--status", action="store_true",
+                    help="per dataset (regime): runs finished, begun and left, and the hours left; then exit")
     ap.add_argument("--shard", help="run only shard i/n of the grid, e.g. 0/2")
     ap.add_argument("--steps", type=int, help="override training steps of every run")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the device of every run")
@@ -360,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.slurm:
         if len(a.grid) > 1: print("error: --slurm submits one grid at a time", file=sys.stderr); return 2
         return _submit(a, runs)
+    if a.status:
+        print(status_text(grid_status(runs), a.jobs)); return 0
     if a.dry_run:
         for r in runs: print(f"{('changed' if changed_params(r) else 'done') if is_done(r) else 'todo'}  {r.name}  -> {r.out_dir}")
         return 0

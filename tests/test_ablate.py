@@ -272,6 +272,22 @@ def test_several_grids_run_in_turn_and_share_one_report(grid, tmp_path, monkeypa
     assert "one grid at a time" in capsys.readouterr().err
 
 
+def test_status_says_where_a_grid_stands_per_dataset(grid, capsys):
+    runs = load_grid(grid)                      # craters none s0 s1, nuclei none s0 s1, then mars-hybrid the same
+    for r, s in ((runs[0], 600.0), (runs[1], 1200.0), (runs[4], 3600.0)):
+        r.out_dir.mkdir(parents=True)
+        (r.out_dir / "done.json").write_text(json.dumps({"name": r.name, "seconds": s}))
+    runs[2].out_dir.mkdir(parents=True)         # nuclei-none-s0 begun, not finished
+    assert main([str(grid), "--status", "--jobs", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    by = {line.split()[0]: line.split() for line in out[1:3]}
+    # craters: 3 of 4 done; its mars-hybrid-s1 timed like craters-mars-hybrid-s0 (1 h)
+    assert by["craters"][1:4] == ["3/4", "0", "1.0"]
+    # nuclei: nothing done; none runs timed like craters' none runs (config + preset: 0.25 h), mars-hybrid like it: 1 h
+    assert by["nuclei"][1:4] == ["0/4", "1", "2.5"]
+    assert out[3].split()[:4] == ["all", "3/8", "1", "3.5"] and "~1.8 h with 2 runners" in out[3]
+
+
 def test_jobs_runners_share_the_grid_each_run_once(tmp_path, capsys):
     """`--jobs 2` starts two real runners (papermill, one thread each) that split a small grid: every run is done
     by exactly one of them (one training attempt, one done.json), and the summary counts every run once."""
