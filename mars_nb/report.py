@@ -463,7 +463,7 @@ def unfinished(runs: pd.DataFrame, expected) -> dict[str, tuple[int, int]]:
     return {d: (len(done & set(names)), len(names)) for d, names in want.items() if not set(names) <= done}
 
 
-def progress_note(runs: pd.DataFrame, pending: dict[str, tuple[int, int]]) -> str:
+def progress_note(pending: dict[str, tuple[int, int]]) -> str:
     "What a report of an unfinished grid says first: which regimes are still running, and why they are not compared."
     if not pending: return ""
     left = ", ".join(f"{d} ({k} of {n})" for d, (k, n) in pending.items())
@@ -485,7 +485,7 @@ def write_readme(root: Path, runs: pd.DataFrame, table: pd.DataFrame, figures: l
             f"{runs['dataset'].nunique()} datasets × replicates {seeds} (seeds; with spatial cross-validation the seed "
             "also picks the fold). Summary: mean ± 95% confidence interval over replicates (Student t). IoU is the "
             f"foreground IoU — the mean IoU of the non-background classes ({'; '.join(classes) or 'all but background'}) "
-            f"— on held-out {' and '.join(splits) or 'test'} tiles.\n", *filter(None, [progress_note(runs, pending or {})]),
+            f"— on held-out {' and '.join(splits) or 'test'} tiles.\n", *filter(None, [progress_note(pending or {})]),
             "![foreground IoU vs angle](figures/iou_vs_angle.png)\n", *[f"![{f}](figures/{f})\n" for f in maps],
             "## Summary\n", to_markdown(table)]
     per_class = class_iou_markdown(runs, list(dict.fromkeys(table["config"])))
