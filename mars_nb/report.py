@@ -16,12 +16,12 @@ from scipy import stats
 
 # %% auto #0
 __all__ = ['CONTROLS', 'SUMMARY_COLUMNS', 'MDE_FACTOR', 'ANGLE_SETS', 'seen_angles', 'collect', 'config_order', 'config_colors',
-           'mean_ci', 'summary_table', 'class_iou_markdown', 'to_markdown', 'plot_metric_vs_angle', 'plot_summary_bars',
-           'collect_features', 'plot_feature_consistency', 'plot_training_curves', 'plot_attention_panels',
-           'mean_fg_iou', 'tile_bootstrap', 'run_confusion', 'strongest_control', 'compare', 'comparisons',
-           'regime_effects', 'plot_regime_map', 'paired_differences', 'verdict', 'reading', 'comparisons_markdown',
-           'unfinished', 'progress_note', 'write_readme', 'write_report', 'weight_curves', 'choose_weights',
-           'plot_weight_curves', 'weights_section']
+           'mean_ci', 'summary_table', 'class_iou_markdown', 'to_markdown', 'panels', 'config_legend',
+           'plot_metric_vs_angle', 'plot_summary_bars', 'collect_features', 'plot_feature_consistency',
+           'plot_training_curves', 'plot_attention_panels', 'mean_fg_iou', 'tile_bootstrap', 'run_confusion',
+           'strongest_control', 'compare', 'comparisons', 'regime_effects', 'plot_regime_map', 'paired_differences',
+           'verdict', 'reading', 'comparisons_markdown', 'unfinished', 'progress_note', 'write_readme', 'write_report',
+           'weight_curves', 'choose_weights', 'plot_weight_curves', 'weights_section']
 
 # %% ../nbs/08_report.ipynb #c005
 def seen_angles(run_dir: str | Path, angles) -> np.ndarray:
@@ -98,7 +98,10 @@ def summary_table(runs: pd.DataFrame, order: list[str] | None = None) -> pd.Data
             row[k], row[f"{k}_ci"], _ = mean_ci(g[k] if k in g else [])
         rows.append(row)
     df = pd.DataFrame(rows)
-    if order: df["_o"] = df["config"].map({c: i for i, c in enumerate(order)}); df = df.sort_values(["dataset", "_o"]).drop(columns="_o")
+    if order:                                              # datasets in the order of `runs`, configs in `order`
+        df["_d"] = df["dataset"].map({d: i for i, d in enumerate(dict.fromkeys(df["dataset"]))})
+        df["_o"] = df["config"].map({c: i for i, c in enumerate(order)})
+        df = df.sort_values(["_d", "_o"], kind="stable").drop(columns=["_d", "_o"])
     return df.reset_index(drop=True)
 
 
@@ -134,14 +137,34 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 # %% ../nbs/08_report.ipynb #c010
+def panels(n: int, width: float, height: float, cols: int = 3, **kw):
+    """A figure of `n` panels of `width` x `height` inches, `cols` to a row (a study of nine regimes is three rows,
+    not one strip): (figure, the n axes in reading order); cells left over are hidden."""
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    cols = min(n, cols)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False, **kw)
+    for ax in axes.flat[n:]: ax.set_visible(False)
+    return fig, list(axes.flat[:n])
+
+
+def config_legend(fig, configs: list[str], colors: dict, bars: bool = False):
+    """One legend under the figure naming every configuration, each panel's subset included: drawn after
+    `tight_layout`, and kept by `savefig(bbox_inches='tight')`."""
+    from matplotlib.lines import Line2D  # noqa: PLC0415
+    from matplotlib.patches import Patch  # noqa: PLC0415
+    handles = [Patch(color=colors[c]) if bars else Line2D([], [], color=colors[c], lw=2, marker="o", ms=3) for c in configs]
+    fig.legend(handles, configs, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(configs), 5),
+               fontsize=8, frameon=False)
+
+
 def plot_metric_vs_angle(sweeps: pd.DataFrame, metric: str = "fg_iou", order: list[str] | None = None, ylabel=None):
     "One panel per dataset, one line per config (mean over seeds) with its 95% CI band."
-    import matplotlib.pyplot as plt  # noqa: PLC0415
     datasets = list(dict.fromkeys(sweeps["dataset"]))
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 3.6), squeeze=False, sharey=True)
+    fig, axes = panels(len(datasets), 5.5, 3.6, sharey=True)
     configs = order or list(dict.fromkeys(sweeps["config"]))
     colors = config_colors(configs)
-    for ax, dataset in zip(axes[0], datasets):
+    for ax, dataset in zip(axes, datasets):
         d = sweeps[sweeps["dataset"] == dataset]
         for config in configs:
             g = d[d["config"] == config]
@@ -152,32 +175,32 @@ def plot_metric_vs_angle(sweeps: pd.DataFrame, metric: str = "fg_iou", order: li
                 ax.fill_between(stat.index, stat["m"] - stat["h"], stat["m"] + stat["h"], color=colors[config], alpha=0.18, lw=0)
         ax.set(title=dataset, xlabel="rotation of the test tile (degrees)", xticks=range(0, 361, 45), ylim=(0, 1))   # no zoom into noise
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(ylabel or metric)
-    axes[0][-1].legend(fontsize=8, loc="lower right")
+        if ax.get_subplotspec().is_first_col(): ax.set_ylabel(ylabel or metric)
     fig.tight_layout()
+    config_legend(fig, [c for c in configs if c in set(sweeps["config"])], colors)
     return fig
 
 # %% ../nbs/08_report.ipynb #c012
 def plot_summary_bars(table: pd.DataFrame, order: list[str] | None = None):
     "Grouped bars per dataset: IoU at 0°, mean over angles, worst angle and drop per config, with 95% CIs."
-    import matplotlib.pyplot as plt  # noqa: PLC0415
     metrics = ["fg_iou_0", "fg_iou_mean", "fg_iou_worst", "fg_iou_drop"]
     datasets = list(dict.fromkeys(table["dataset"]))
     configs = order or list(dict.fromkeys(table["config"]))
-    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 3.4), squeeze=False)
+    colors = config_colors(configs)
+    fig, axes = panels(len(datasets), 6, 3.4)
     width = 0.8 / len(configs)
-    for ax, dataset in zip(axes[0], datasets):
+    for ax, dataset in zip(axes, datasets):
         d = table[table["dataset"] == dataset].set_index("config")
         for i, config in enumerate(c for c in configs if c in d.index):
             r = d.loc[config]
             ci = [r[f"{m}_ci"] for m in metrics]
             err = [c if np.isfinite(c) else 0 for c in ci] if np.isfinite(ci).any() else None   # no bars for one seed
             ax.bar(np.arange(len(metrics)) + (i - (len(configs) - 1) / 2) * width, [r[m] for m in metrics], width,
-                   yerr=err, capsize=2, color=config_colors(configs)[config], label=config)
+                   yerr=err, capsize=2, color=colors[config], label=config)
         ax.set_xticks(range(len(metrics)), ["IoU at 0°", "mean over angles", "worst angle", "drop (0° − worst)"])
         ax.set(title=dataset, ylabel="foreground IoU"); ax.grid(axis="y", alpha=0.3)
-    axes[0][-1].legend(fontsize=7, ncol=2)
     fig.tight_layout()
+    config_legend(fig, [c for c in configs if c in set(table["config"])], colors, bars=True)
     return fig
 
 
@@ -197,6 +220,7 @@ def plot_feature_consistency(features: pd.DataFrame, order: list[str] | None = N
     import matplotlib.pyplot as plt  # noqa: PLC0415
     datasets, stages = list(dict.fromkeys(features["dataset"])), ["backbone", "pixel_decoder", "attention"]
     configs = order or list(dict.fromkeys(features["config"]))
+    colors = config_colors(configs)
     fig, axes = plt.subplots(len(datasets), 3, figsize=(14, 3.1 * len(datasets)), squeeze=False, sharex=True)
     for row, dataset in zip(axes, datasets):
         for ax, stage in zip(row, stages):
@@ -205,37 +229,37 @@ def plot_feature_consistency(features: pd.DataFrame, order: list[str] | None = N
                 g = d[d["config"] == config].groupby(["seed", "angle"])["consistency"].mean().reset_index()
                 if g.empty: continue
                 stat = g.groupby("angle")["consistency"].apply(lambda x: pd.Series(mean_ci(x)[:2], index=["m", "h"])).unstack()
-                c = config_colors(configs)[config]
+                c = colors[config]
                 ax.plot(stat.index, stat["m"], lw=1.3, color=c, label=config)
                 if stat["h"].notna().any(): ax.fill_between(stat.index, stat["m"] - stat["h"], stat["m"] + stat["h"], color=c, alpha=0.15, lw=0)
             ax.set(title=f"{dataset} · {stage}", xticks=range(0, 361, 90)); ax.grid(alpha=0.3)
         row[0].set_ylabel("cosine (attention: 1 − JS)")
     for ax in axes[-1]: ax.set_xlabel("rotation (degrees)")
-    axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
+    config_legend(fig, [c for c in configs if c in set(features["config"])], colors)
     return fig
 
 
 def plot_training_curves(root: str | Path, runs: pd.DataFrame, order: list[str] | None = None, smooth: int = 25):
     "Supervised training loss per config (mean over seeds, running mean over `smooth` logged steps)."
-    import matplotlib.pyplot as plt  # noqa: PLC0415
     from matplotlib.ticker import FuncFormatter  # noqa: PLC0415
     from mars_nb.runfolder import read_log  # noqa: PLC0415
     datasets = list(dict.fromkeys(runs["dataset"]))
     configs = order or list(dict.fromkeys(runs["config"]))
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 3.4), squeeze=False)
-    for ax, dataset in zip(axes[0], datasets):
+    colors = config_colors(configs)
+    fig, axes = panels(len(datasets), 5.5, 3.4)
+    for ax, dataset in zip(axes, datasets):
         for config in configs:
             logs = [read_log(Path(root) / "runs" / r) for r in runs[(runs.dataset == dataset) & (runs.config == config)]["run"]]
             logs = [l.set_index("step")["train/supervised"] for l in logs if len(l) and "train/supervised" in l]
             if not logs: continue
             curve = pd.concat(logs, axis=1).mean(axis=1).rolling(smooth, min_periods=1).mean()
-            ax.plot(curve.index, curve.values, lw=1.2, color=config_colors(configs)[config], label=config)
+            ax.plot(curve.index, curve.values, lw=1.2, color=colors[config], label=config)
         ax.set(title=dataset, xlabel="step", ylabel="supervised loss", yscale="log"); ax.grid(alpha=0.3, which="both")
         plain = FuncFormatter(lambda v, _: f"{v:g}")           # 28, not 2.8×10¹
         ax.yaxis.set_major_formatter(plain); ax.yaxis.set_minor_formatter(plain); ax.tick_params(axis="y", labelsize=7)
-    axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
+    config_legend(fig, [c for c in configs if c in set(runs["config"])], colors)
     return fig
 
 # %% ../nbs/08_report.ipynb #c014
@@ -508,7 +532,10 @@ def write_report(root: str | Path, order: list[str] | None = None, panels: bool 
     Regimes of other grids that write into `root` are taken as they stand)."""
     import matplotlib.pyplot as plt  # noqa: PLC0415
     root = Path(root)
-    runs, sweeps = collect(root)
+    rank = {d: i for i, d in enumerate(datasets or [])}      # tables and panels in the study's order, not the folders'
+    by_rank = lambda df: df.sort_values("dataset", key=lambda s: s.map(lambda d: rank.get(d, len(rank))), kind="stable") \
+        if len(df) else df
+    runs, sweeps = map(by_rank, collect(root))
     order = order or config_order(runs["config"])
     unknown = sorted(set(runs["config"]) - set(order))
     if unknown:
@@ -520,7 +547,7 @@ def write_report(root: str | Path, order: list[str] | None = None, panels: bool 
             "consistency_vs_angle.png": plot_metric_vs_angle(sweeps, "consistency", order, "prediction consistency (IoU vs upright)"),
             "summary_bars.png": plot_summary_bars(table, order),
             "training_curves.png": plot_training_curves(root, runs, order)}
-    features = collect_features(root)
+    features = by_rank(collect_features(root))
     if len(features): figs["feature_consistency.png"] = plot_feature_consistency(features, order)
     if panels:
         ranked = table[table["dataset"] == table["dataset"].iloc[0]].sort_values("fg_iou_mean")
@@ -533,12 +560,9 @@ def write_report(root: str | Path, order: list[str] | None = None, panels: bool 
     whole = runs[~runs["dataset"].isin(pending)]
     comps = comparisons(root, whole, table) if len(whole) else pd.DataFrame()
     comps = comps.dropna(subset=["lo"]) if len(comps) else comps      # runs without per-tile counts: no bootstrap
-    rank = {d: i for i, d in enumerate(datasets or [])}
     for name, control, title in (("regime_map.png", None, "Where does a tap beat the strongest control?"),
                                  ("regime_map_rotaug.png", "rotaug", "Does a tap help over rotation augmentation?")):
-        effects = regime_effects(comps, table, control) if len(comps) else comps
-        effects = effects.sort_values("dataset", key=lambda s: s.map(lambda d: rank.get(d, len(rank))), kind="stable") \
-            if len(effects) else effects
+        effects = by_rank(regime_effects(comps, table, control)) if len(comps) else comps
         if len(effects): figs[name] = plot_regime_map(effects, order, title)
     for name, fig in figs.items():
         fig.savefig(figdir / name, dpi=120, bbox_inches="tight"); plt.close(fig)
