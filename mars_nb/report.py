@@ -17,11 +17,11 @@ from scipy import stats
 # %% auto #0
 __all__ = ['CONTROLS', 'SUMMARY_COLUMNS', 'MDE_FACTOR', 'ANGLE_SETS', 'seen_angles', 'collect', 'config_order', 'config_colors',
            'mean_ci', 'summary_table', 'class_iou_markdown', 'to_markdown', 'panels', 'config_legend',
-           'plot_metric_vs_angle', 'plot_summary_bars', 'collect_features', 'plot_feature_consistency',
-           'plot_training_curves', 'plot_attention_panels', 'mean_fg_iou', 'tile_bootstrap', 'run_confusion',
-           'strongest_control', 'compare', 'comparisons', 'regime_effects', 'plot_regime_map', 'paired_differences',
-           'verdict', 'reading', 'comparisons_markdown', 'unfinished', 'progress_note', 'write_readme', 'write_report',
-           'weight_curves', 'choose_weights', 'plot_weight_curves', 'weights_section']
+           'plot_metric_vs_angle', 'plot_summary_bars', 'plot_replicates', 'collect_features',
+           'plot_feature_consistency', 'plot_training_curves', 'plot_attention_panels', 'mean_fg_iou', 'tile_bootstrap',
+           'run_confusion', 'strongest_control', 'compare', 'comparisons', 'regime_effects', 'plot_regime_map',
+           'paired_differences', 'verdict', 'reading', 'comparisons_markdown', 'unfinished', 'progress_note',
+           'write_readme', 'write_report', 'weight_curves', 'choose_weights', 'plot_weight_curves', 'weights_section']
 
 # %% ../nbs/08_report.ipynb #c005
 def seen_angles(run_dir: str | Path, angles) -> np.ndarray:
@@ -201,6 +201,29 @@ def plot_summary_bars(table: pd.DataFrame, order: list[str] | None = None):
         ax.set(title=dataset, ylabel="foreground IoU"); ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     config_legend(fig, [c for c in configs if c in set(table["config"])], colors, bars=True)
+    return fig
+
+
+def plot_replicates(runs: pd.DataFrame, order: list[str] | None = None, metric: str = "fg_iou_mean"):
+    """Every replicate's `metric` per dataset and config, a line joining the runs of one replicate (seed or fold):
+    what a mean and its interval hide — whether a configuration lifts every fold, or only the bad ones."""
+    datasets = list(dict.fromkeys(runs["dataset"]))
+    configs = order or list(dict.fromkeys(runs["config"]))
+    colors = config_colors(configs)
+    fig, axes = panels(len(datasets), 5.5, 3.4, sharey=True)
+    top = min(1.0, np.ceil(runs[metric].max() * 11) / 10)       # from 0, as far as the data go (shared by the panels)
+    for ax, dataset in zip(axes, datasets):
+        d = runs[runs["dataset"] == dataset]
+        here = [c for c in configs if c in set(d["config"])]
+        wide = d.pivot_table(index="seed", columns="config", values=metric)[here]
+        for _, row in wide.iterrows(): ax.plot(range(len(here)), row.values, color="0.75", lw=0.8, zorder=1)
+        for j, c in enumerate(here):
+            ax.scatter(np.full(len(wide), j), wide[c], s=14, color=colors[c], zorder=2)
+        ax.set_xticks(range(len(here)), here, rotation=30, ha="right", fontsize=7)
+        ax.set(title=dataset, ylim=(0, top)); ax.grid(axis="y", alpha=0.3)
+        label = "foreground IoU, mean over angles" if metric == "fg_iou_mean" else metric
+        if ax.get_subplotspec().is_first_col(): ax.set_ylabel(f"{label}\n(a dot per replicate)")
+    fig.tight_layout()
     return fig
 
 
@@ -546,6 +569,7 @@ def write_report(root: str | Path, order: list[str] | None = None, panels: bool 
     figs = {"iou_vs_angle.png": plot_metric_vs_angle(sweeps, "fg_iou", order, "foreground IoU"),
             "consistency_vs_angle.png": plot_metric_vs_angle(sweeps, "consistency", order, "prediction consistency (IoU vs upright)"),
             "summary_bars.png": plot_summary_bars(table, order),
+            "replicates.png": plot_replicates(runs, order),
             "training_curves.png": plot_training_curves(root, runs, order)}
     features = by_rank(collect_features(root))
     if len(features): figs["feature_consistency.png"] = plot_feature_consistency(features, order)

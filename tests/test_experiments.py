@@ -260,3 +260,16 @@ def test_a_report_says_which_tiles_it_scored(tmp_path):
         m.write_text(json.dumps({**json.loads(m.read_text()), "split": "val"}))
     write_report(root, panels=False)
     assert "on held-out val tiles." in (root / "README.md").read_text()
+
+
+def test_the_replicates_figure_draws_every_run_and_joins_each_replicate(tmp_path):
+    import numpy as np
+    from mars_nb.report import collect, plot_replicates
+    root = _fake_root(tmp_path, {"rotaug": 0, "mars-x": 15})
+    runs, _ = collect(root)
+    ax = plot_replicates(runs, order=["rotaug", "mars-x"]).axes[0]
+    dots = np.concatenate([c.get_offsets() for c in ax.collections])
+    assert len(dots) == len(runs) == 6 and len(ax.lines) == 3                  # a dot per run, a line per seed
+    by_seed = runs.pivot_table(index="seed", columns="config", values="fg_iou_mean")[["rotaug", "mars-x"]]
+    np.testing.assert_allclose(sorted(l.get_ydata()[1] - l.get_ydata()[0] for l in ax.lines),
+                               sorted(by_seed["mars-x"] - by_seed["rotaug"]))  # each line joins one seed's runs
