@@ -113,6 +113,11 @@ def load_grid(path: str | Path, out: str | Path | None = None, **overrides) -> l
     runs = []
     for cname, cparams in configs.items():
         if not isinstance(cparams, dict): raise GridError(f"{where('configs', cname)}: config {cname!r} must be a mapping")
+        cparams = dict(cparams)
+        only = cparams.pop("datasets", datasets)           # a config may run on some of the grid's datasets only
+        if not isinstance(only, list) or not only or any(d not in datasets for d in only):
+            raise GridError(f"{where('configs', cname, 'datasets')}: config {cname!r} runs on datasets {only!r}: a "
+                            f"non-empty list of the grid's datasets {datasets}")
         for src, params in (("shared", shared), ("configs", cparams), *((("per_dataset", d), p) for d, p in per.items())):
             for k in params:
                 keys = (src, k) if src == "shared" else ("configs", cname, k) if src == "configs" else (*src, k)
@@ -121,7 +126,7 @@ def load_grid(path: str | Path, out: str | Path | None = None, **overrides) -> l
                     raise GridError(f"{where(*keys)}: {k!r} is set by the grid itself{hint}")
                 if k not in _config().RUN_PARAMS:
                     raise GridError(f"{where(*keys)}: unknown run parameter {k!r}; valid: {list(_config().RUN_PARAMS)}")
-        for dataset in datasets:
+        for dataset in (d for d in datasets if d in only):
             for seed in seeds:
                 name = f"{dataset}-{cname}-s{seed}"
                 params = {**shared, **per.get(dataset, {}), **cparams, **{k: v for k, v in overrides.items() if v is not None},
@@ -351,6 +356,7 @@ GRID_HELP = """grid file (YAML; parameters are those of nbs/experiments/run.ipyn
   configs:                                          # one run per config x dataset x seed
     rotaug: {mode: rotaug}
     mars-pixel: {mode: mars, mars: {preset: pixel}}
+    other: {mode: rotaug, datasets: [nuclei]}       # a config on some datasets only
   order: configs                    # or datasets: each dataset (regime) finished before the next
 Finished runs are skipped, interrupted ones resume from their checkpoint."""
 

@@ -253,6 +253,18 @@ def test_the_report_is_told_the_whole_grid_even_from_a_shard(grid, monkeypatch, 
     assert told["datasets"] == ["craters", "nuclei"]
 
 
+def test_a_config_may_run_on_some_datasets_only(grid):
+    "A control that only means something where unlabelled crops are offered runs there alone."
+    grid.write_text(grid.read_text() + "  nuclei-only: {mode: rotaug, datasets: [nuclei]}\n")
+    runs = load_grid(grid)
+    assert [r.name for r in runs if r.config == "nuclei-only"] == ["nuclei-nuclei-only-s0", "nuclei-nuclei-only-s1"]
+    assert all("datasets" not in r.params for r in runs) and len(runs) == 10
+    grid.write_text(grid.read_text().replace("datasets: [nuclei]", "datasets: [trees]"))
+    with pytest.raises(GridError, match=r"grid.yaml:9: config 'nuclei-only' runs on datasets \['trees'\]: a non-empty "
+                                        r"list of the grid's datasets \['craters', 'nuclei'\]"):
+        load_grid(grid)
+
+
 def test_several_grids_run_in_turn_and_share_one_report(grid, tmp_path, monkeypatch, capsys):
     "Two grids writing into one folder (the regime study and its Lite0 part) are one study: one report, told both."
     import mars_nb.report as report

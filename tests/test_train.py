@@ -568,6 +568,34 @@ def test_label_scarce_runs_name_their_regime_and_feed_unlabelled_crops_to_mars_o
     assert np.isfinite(read_log(tmp_path)["train/mars/output"].astype(float)).all()
 
 
+def test_mars_off_forwards_the_unlabelled_crops_and_adds_no_consistency():
+    """`mars-off` (MARS at weight 0) isolates the consistency term: its batches hold the unlabelled crops, which move the
+    backbone's batch-norm statistics as a tap run's do, while its loss is the supervised loss alone."""
+    from mars_nb.model import mask2former_loss
+    from mars_nb.train import MarsModule
+    off = config_from_params(dataset="craters", folds=5, labelled=0.1, unlabelled=True, mode="mars", seed=2,
+                             mars={"preset": "backbone", "stages": {"backbone": {"weight": 0}}})
+    pairs = ViewPairs(dataset_for(off), 64, 2, AnglePolicy("discrete", [90.0]), seed=2, unlabelled=True)
+    batch = collate_pairs([pairs[i] for i in range(2)])
+    stats = {}
+    for name, drop in (("with", False), ("without", True)):
+        torch.manual_seed(0)
+        module = MarsModule(off.to_dict(), num_labels=2, num_channels=1)
+        b = {k: v for k, v in batch.items() if not (drop and k.startswith("u_"))}
+        images, labels = module._views(b)
+        with module.mars.taps(module.model) as taps:
+            out = module.model(pixel_values=images, output_auxiliary_logits=True)
+        torch.manual_seed(1)                                             # the loss samples its points at random
+        supervised = mask2former_loss(out, labels, module.model.config)["loss"]
+        terms = module._mars_terms(taps, out, b, tuple(images.shape[-2:]))
+        assert not terms["mars/total"].requires_grad and terms["mars/total"].item() == 0.0, "no consistency term"
+        torch.manual_seed(1)
+        assert module.training_step(b, 0).item() == pytest.approx(supervised.item(), rel=1e-6)
+        bn = next(m for m in module.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        stats[name] = bn.running_mean.clone()
+    assert not torch.allclose(stats["with"], stats["without"]), "the unlabelled crops reach the batch-norm statistics"
+
+
 def test_mode_mars_records_the_resolved_mars_config(tmp_path):
     from mars_nb.losses import resolve_config
     from mars_nb.taps import HYBRID
