@@ -347,7 +347,10 @@ def test_the_regime_grid_offers_unlabelled_crops_where_labels_are_scarce():
     from conftest import ROOT
     from mars_nb.config import config_from_params
     runs = {r.name: config_from_params(**r.params) for r in load_grid(ROOT / "grids" / "regimes.yaml")}
-    assert len(runs) == 7 * 8 * 5
+    assert len(runs) == (7 * 8 + 5) * 5                 # 8 configurations in 7 regimes; mars-off in the 5 with unlabelled crops
+    assert {n.rsplit("-mars-off-", 1)[0] for n in runs if "-mars-off-" in n} == {
+        "craters-l5", "craters-l10", "craters-l25", "craters-l100", "trees-l10"}
+    assert all(runs[n].data.unlabelled for n in runs if "-mars-off-" in n)
     l10 = runs["craters-l10-mars-pixel-s3"]
     assert l10.data.labelled == 0.1 and l10.data.unlabelled and l10.data.folds == 5
     unseen = runs["craters-unseen-rotaug-any-s0"]
