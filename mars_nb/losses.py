@@ -796,7 +796,9 @@ class MarsLoss(nn.Module):
 # %% ../nbs/04_losses.ipynb #n1b08117
 def gradient_shares(model: nn.Module, weighted: Mapping[str, Tensor], supervised: Tensor) -> dict[str, Tensor]:
     """Per stage: ‖∇(weighted[stage])‖ / ‖∇ supervised‖ on the parameters of the module producing that stage.
-    `weighted`: stage -> its weighted MARS term (still attached to the graph); the graph is kept for backward."""
+    `weighted`: stage -> its weighted MARS term (still attached to the graph); the graph is kept for backward.
+    No stage (every weight 0, as in `mars-off`): no shares."""
+    if not weighted: return {}
     family, prefix = find_family(model)
     lay = LAYOUTS[family]
     norm = lambda gs: torch.sqrt(sum((g.float().pow(2).sum() for g in gs if g is not None), torch.zeros(())))

@@ -596,6 +596,17 @@ def test_mars_off_forwards_the_unlabelled_crops_and_adds_no_consistency():
     assert not torch.allclose(stats["with"], stats["without"]), "the unlabelled crops reach the batch-norm statistics"
 
 
+def test_a_mars_off_run_trains_and_logs_no_share(tmp_path):
+    "A whole run at weight 0, with the gradient-share diagnostic due at its steps: nothing to share, nothing fails."
+    cfg = config_from_params(dataset="craters", folds=5, labelled=0.1, unlabelled=True, mode="mars", seed=2, crop=64,
+                             batch_size=2, steps=2, mars={"preset": "backbone", "stages": {"backbone": {"weight": 0}}})
+    run = RunConfig.from_dict({**cfg.to_dict(), "train": {**cfg.train.to_dict(), "log_every": 1, "ckpt_every": 2,
+                                                          "share_every": 1}})
+    fit(run, tmp_path, progress=False)
+    log = read_log(tmp_path)
+    assert len(log) and not any(c.startswith("train/share/") for c in log) and (log["train/mars/total"].dropna() == 0).all()
+
+
 def test_mode_mars_records_the_resolved_mars_config(tmp_path):
     from mars_nb.losses import resolve_config
     from mars_nb.taps import HYBRID
