@@ -15,8 +15,8 @@ import yaml
 from scipy import stats
 
 # %% auto #0
-__all__ = ['CONTROLS', 'SUMMARY_COLUMNS', 'MDE_FACTOR', 'ANGLE_SETS', 'seen_angles', 'collect', 'config_order', 'config_colors',
-           'mean_ci', 'summary_table', 'class_iou_markdown', 'to_markdown', 'panels', 'config_legend',
+__all__ = ['CONTROLS', 'SUMMARY_COLUMNS', 'MDE_FACTOR', 'ANGLE_SETS', 'REFERENCES', 'seen_angles', 'collect', 'config_order',
+           'config_colors', 'mean_ci', 'summary_table', 'class_iou_markdown', 'to_markdown', 'panels', 'config_legend',
            'plot_metric_vs_angle', 'plot_summary_bars', 'plot_replicates', 'collect_features',
            'plot_feature_consistency', 'plot_training_curves', 'plot_attention_panels', 'mean_fg_iou', 'tile_bootstrap',
            'run_confusion', 'strongest_control', 'compare', 'comparisons', 'regime_effects', 'plot_regime_map',
@@ -388,28 +388,36 @@ def compare(root: str | Path, runs: pd.DataFrame, config: str, control: str, dat
             "hi": float(np.percentile(boot, 97.5)), "se": se, "mde": MDE_FACTOR * se}
 
 
+REFERENCES = ("rotaug", "mars-off")
+"""Controls every configuration is compared with where a dataset has them (besides its strongest control):
+`rotaug`, supervised training of the rotated views, and `mars-off`, a MARS run with the consistency term at 0."""
+
+
 def comparisons(root: str | Path, runs: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
-    """Every configuration against `rotaug` and against the strongest control of its dataset (see `compare`), over
-    all angles and, where the runs were trained on some orientations only, over the unseen ones too."""
+    """Every configuration against each of `REFERENCES` its dataset has and against the strongest control of its
+    dataset (see `compare`), over all angles and, where the runs were trained on some orientations only, over the
+    unseen ones too."""
     rows = []
     for dataset in dict.fromkeys(runs["dataset"]):
         strong = strongest_control(table, dataset)
+        here = set(runs[runs["dataset"] == dataset]["config"])
         d = runs[(runs["dataset"] == dataset) & (runs["config"] != "none")]
         sets = ANGLE_SETS if "fg_iou_unseen" in d and d["fg_iou_unseen"].notna().any() else ("all",)
-        for config in config_order(runs[runs["dataset"] == dataset]["config"]):
-            for control in dict.fromkeys(c for c in ("rotaug", strong) if c and c != config):
+        for config in config_order(here):
+            for control in dict.fromkeys(c for c in (*REFERENCES, strong) if c in here and c != config):
                 rows += [compare(root, runs, config, control, dataset, angles=s) for s in sets]
     return pd.DataFrame(rows)
 
 # %% ../nbs/08_report.ipynb #n81e86dc
-def regime_effects(comps: pd.DataFrame, table: pd.DataFrame, control: str | None = None) -> pd.DataFrame:
-    """Per dataset (regime) and non-control configuration: the comparison with `control` (default: the strongest
-    control of the regime), over the unseen angles where the regime has them, else over all angles (rows of
-    `comparisons`)."""
+def regime_effects(comps: pd.DataFrame, table: pd.DataFrame, control: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Per dataset (regime) and non-control configuration: the comparison with the first of `control` the regime has
+    (none given: its strongest control), over the unseen angles where the regime has them, else over all angles
+    (rows of `comparisons`)."""
     rows = []
     for dataset in dict.fromkeys(comps["dataset"]):
         c = comps[comps["dataset"] == dataset]
-        against = control or strongest_control(table, dataset)
+        have = set(table[table["dataset"] == dataset]["config"])
+        against = next((k for k in control if k in have), None) if control else strongest_control(table, dataset)
         angles = "unseen" if "angles" in c and (c["angles"] == "unseen").any() else "all"
         if "angles" in c: c = c[c["angles"] == angles]
         c = c[(c["control"] == against) & ~c["config"].isin(CONTROLS)]
@@ -525,7 +533,7 @@ def write_readme(root: Path, runs: pd.DataFrame, table: pd.DataFrame, figures: l
     said first and left out of the reading)."""
     whole = ~table["dataset"].isin(pending or {})
     splits = sorted(set(runs["split"].dropna())) if "split" in runs else []       # runs evaluated on val say so
-    maps = [f for f in ("regime_map.png", "regime_map_rotaug.png") if f in figures]   # the answer comes first
+    maps = [f for f in ("regime_map.png", "regime_map_consistency.png") if f in figures]   # the answer comes first
     seeds = sorted(int(s) for s in runs["seed"].unique())
     classes = [c[4:-5] for c in runs.columns if c.startswith("iou_") and c.endswith("_mean") and c != "iou_background_mean"]
     text = [f"# Results\n", f"{runs['run'].nunique()} runs: {runs['config'].nunique()} configurations × "
@@ -584,8 +592,9 @@ def write_report(root: str | Path, order: list[str] | None = None, panels: bool 
     whole = runs[~runs["dataset"].isin(pending)]
     comps = comparisons(root, whole, table) if len(whole) else pd.DataFrame()
     comps = comps.dropna(subset=["lo"]) if len(comps) else comps      # runs without per-tile counts: no bootstrap
-    for name, control, title in (("regime_map.png", None, "Where does a tap beat the strongest control?"),
-                                 ("regime_map_rotaug.png", "rotaug", "Does a tap help over rotation augmentation?")):
+    for name, control, title in (("regime_map.png", (), "Where does a tap beat the strongest control?"),
+                                 ("regime_map_consistency.png", ("mars-off", "rotaug"),
+                                  "What does the consistency term add (vs mars-off; rotaug where no unlabelled crops)?")):
         effects = by_rank(regime_effects(comps, table, control)) if len(comps) else comps
         if len(effects): figs[name] = plot_regime_map(effects, order, title)
     for name, fig in figs.items():

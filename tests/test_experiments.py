@@ -199,10 +199,10 @@ def test_a_regime_trained_on_some_angles_is_read_on_the_angles_it_never_saw(tmp_
     write_report(root, panels=False)
     readme = (root / "README.md").read_text()
     assert (root / "figures" / "regime_map.png").exists() and "regime_map.png" in readme
-    rot = regime_effects(comps, table, "rotaug").set_index("dataset")                  # the second map: vs rotaug
+    rot = regime_effects(comps, table, ("mars-off", "rotaug")).set_index("dataset")    # no mars-off here: rotaug
     assert set(rot["control"]) == {"rotaug"} and rot.loc["craters-unseen", "angles"] == "unseen"
     assert rot.loc["craters-full", "lo"] < 0 < rot.loc["craters-unseen", "lo"]         # mars-x: -6 there, +15 here
-    assert readme.index("regime_map.png") < readme.index("regime_map_rotaug.png") < readme.index("## Summary")
+    assert readme.index("regime_map.png") < readme.index("regime_map_consistency.png") < readme.index("## Summary")
     assert "IoU unseen" in readme and "over the angles no run was trained on" in readme and "| unseen |" in readme
 
 
@@ -273,3 +273,20 @@ def test_the_replicates_figure_draws_every_run_and_joins_each_replicate(tmp_path
     by_seed = runs.pivot_table(index="seed", columns="config", values="fg_iou_mean")[["rotaug", "mars-x"]]
     np.testing.assert_allclose(sorted(l.get_ydata()[1] - l.get_ydata()[0] for l in ax.lines),
                                sorted(by_seed["mars-x"] - by_seed["rotaug"]))  # each line joins one seed's runs
+
+
+def test_a_tap_is_read_against_mars_off_where_the_regime_has_it(tmp_path):
+    "mars-off (the same training, consistency at 0) is what isolates the term: every config is compared with it."
+    from mars_nb.report import collect, comparisons, regime_effects, summary_table
+    root = _fake_root(tmp_path / "g", {"rotaug": 0, "mars-off": 10, "mars-x": 12}, dataset="craters-l10")
+    _fake_root(root, {"rotaug": 0, "mars-x": 12}, dataset="craters-unseen")
+    runs, _ = collect(root)
+    table = summary_table(runs)
+    comps = comparisons(root, runs, table)
+    l10 = comps[comps["dataset"] == "craters-l10"]
+    assert set(l10[l10["config"] == "mars-x"]["control"]) == {"rotaug", "mars-off"}
+    assert set(l10[l10["config"] == "rotaug"]["control"]) == {"mars-off"}
+    eff = regime_effects(comps, table, ("mars-off", "rotaug")).set_index("dataset")
+    assert eff.loc["craters-l10", "control"] == "mars-off" and eff.loc["craters-unseen", "control"] == "rotaug"
+    vs_rotaug = l10.set_index(["config", "control"]).loc[("mars-x", "rotaug"), "diff"]
+    assert abs(eff.loc["craters-l10", "diff"]) < vs_rotaug / 3          # most of what mars-x gains, mars-off has
