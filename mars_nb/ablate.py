@@ -251,18 +251,19 @@ def grid_status(runs: list[Run]) -> pd.DataFrame:
     else same configuration and model preset, else same dataset; `guessed` counts the runs left with none of these
     (timed at the median of every finished run: a new preset or dataset can cost more)."""
     import pandas as pd  # noqa: PLC0415
+    done = {r.name: json.loads((r.out_dir / "done.json").read_text()) for r in runs if is_done(r)}
     took, every = {}, []
-    for r in filter(is_done, runs):
-        s = json.loads((r.out_dir / "done.json").read_text()).get("seconds")
+    for r in runs:
+        s = done.get(r.name, {}).get("seconds")
         if not s: continue
         every.append(s)
         for key in _alike(r): took.setdefault(key, []).append(s)
     overall = median(every) if every else float("nan")
     rows = []
     for r in runs:
-        done = is_done(r)
-        known = next((median(took[k]) for k in _alike(r) if k in took), None) if not done else 0.0
-        rows.append({"dataset": r.dataset, "done": done, "begun": not done and r.out_dir.exists(),
+        finished = r.name in done
+        known = 0.0 if finished else next((median(took[k]) for k in _alike(r) if k in took), None)
+        rows.append({"dataset": r.dataset, "done": finished, "begun": not finished and r.out_dir.exists(),
                      "guessed": known is None, "hours_left": (overall if known is None else known) / 3600})
     t = pd.DataFrame(rows).groupby("dataset", sort=False).agg(
         runs=("done", "size"), done=("done", "sum"), begun=("begun", "sum"), hours_left=("hours_left", "sum"),

@@ -16,8 +16,8 @@ from scipy import stats
 
 # %% auto #0
 __all__ = ['CONTROLS', 'SUMMARY_COLUMNS', 'MDE_FACTOR', 'ANGLE_SETS', 'REFERENCES', 'seen_angles', 'collect', 'config_order',
-           'config_colors', 'mean_ci', 'summary_table', 'class_iou_markdown', 'to_markdown', 'panels', 'config_legend',
-           'plot_metric_vs_angle', 'plot_summary_bars', 'plot_replicates', 'collect_features',
+           'config_colors', 'mean_ci', 'summary_table', 'class_iou_markdown', 'to_markdown', 'panel_grid',
+           'config_legend', 'plot_metric_vs_angle', 'plot_summary_bars', 'plot_replicates', 'collect_features',
            'plot_feature_consistency', 'plot_training_curves', 'plot_attention_panels', 'mean_fg_iou', 'tile_bootstrap',
            'run_confusion', 'strongest_control', 'compare', 'comparisons', 'regime_effects', 'plot_regime_map',
            'paired_differences', 'verdict', 'reading', 'comparisons_markdown', 'unfinished', 'progress_note',
@@ -137,7 +137,7 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 # %% ../nbs/08_report.ipynb #c010
-def panels(n: int, width: float, height: float, cols: int = 3, **kw):
+def panel_grid(n: int, width: float, height: float, cols: int = 3, **kw):
     """A figure of `n` panels of `width` x `height` inches, `cols` to a row (a study of nine regimes is three rows,
     not one strip): (figure, the n axes in reading order); cells left over are hidden."""
     import matplotlib.pyplot as plt  # noqa: PLC0415
@@ -161,7 +161,7 @@ def config_legend(fig, configs: list[str], colors: dict, bars: bool = False):
 def plot_metric_vs_angle(sweeps: pd.DataFrame, metric: str = "fg_iou", order: list[str] | None = None, ylabel=None):
     "One panel per dataset, one line per config (mean over seeds) with its 95% CI band."
     datasets = list(dict.fromkeys(sweeps["dataset"]))
-    fig, axes = panels(len(datasets), 5.5, 3.6, sharey=True)
+    fig, axes = panel_grid(len(datasets), 5.5, 3.6, sharey=True)
     configs = order or list(dict.fromkeys(sweeps["config"]))
     colors = config_colors(configs)
     for ax, dataset in zip(axes, datasets):
@@ -187,7 +187,7 @@ def plot_summary_bars(table: pd.DataFrame, order: list[str] | None = None):
     datasets = list(dict.fromkeys(table["dataset"]))
     configs = order or list(dict.fromkeys(table["config"]))
     colors = config_colors(configs)
-    fig, axes = panels(len(datasets), 6, 3.4)
+    fig, axes = panel_grid(len(datasets), 6, 3.4)
     width = 0.8 / len(configs)
     for ax, dataset in zip(axes, datasets):
         d = table[table["dataset"] == dataset].set_index("config")
@@ -210,7 +210,7 @@ def plot_replicates(runs: pd.DataFrame, order: list[str] | None = None, metric: 
     datasets = list(dict.fromkeys(runs["dataset"]))
     configs = order or list(dict.fromkeys(runs["config"]))
     colors = config_colors(configs)
-    fig, axes = panels(len(datasets), 5.5, 3.4, sharey=True)
+    fig, axes = panel_grid(len(datasets), 5.5, 3.4, sharey=True)
     top = min(1.0, np.ceil(runs[metric].max() * 11) / 10)       # from 0, as far as the data go (shared by the panels)
     for ax, dataset in zip(axes, datasets):
         d = runs[runs["dataset"] == dataset]
@@ -270,7 +270,7 @@ def plot_training_curves(root: str | Path, runs: pd.DataFrame, order: list[str] 
     datasets = list(dict.fromkeys(runs["dataset"]))
     configs = order or list(dict.fromkeys(runs["config"]))
     colors = config_colors(configs)
-    fig, axes = panels(len(datasets), 5.5, 3.4)
+    fig, axes = panel_grid(len(datasets), 5.5, 3.4)
     for ax, dataset in zip(axes, datasets):
         for config in configs:
             logs = [read_log(Path(root) / "runs" / r) for r in runs[(runs.dataset == dataset) & (runs.config == config)]["run"]]
@@ -531,7 +531,7 @@ def write_readme(root: Path, runs: pd.DataFrame, table: pd.DataFrame, figures: l
                  comps: pd.DataFrame | None = None, pending: dict[str, tuple[int, int]] | None = None):
     """reports/README.md: the table, the comparisons, the reading and every figure (`pending`: regimes still running,
     said first and left out of the reading)."""
-    whole = ~table["dataset"].isin(pending or {})
+    whole = ~table["dataset"].isin(list(pending or {}))
     splits = sorted(set(runs["split"].dropna())) if "split" in runs else []       # runs evaluated on val say so
     maps = [f for f in ("regime_map.png", "regime_map_consistency.png") if f in figures]   # the answer comes first
     seeds = sorted(int(s) for s in runs["seed"].unique())
@@ -589,7 +589,7 @@ def write_report(root: str | Path, order: list[str] | None = None, panels: bool 
                                         f"angles: {row['config']} ({row['fg_iou_mean']:.3f})\n")
             if fig is not None: figs[f"attention_{tag}.png"] = fig
     pending = unfinished(runs, expected)
-    whole = runs[~runs["dataset"].isin(pending)]
+    whole = runs[~runs["dataset"].isin(list(pending))]
     comps = comparisons(root, whole, table) if len(whole) else pd.DataFrame()
     comps = comps.dropna(subset=["lo"]) if len(comps) else comps      # runs without per-tile counts: no bootstrap
     for name, control, title in (("regime_map.png", (), "Where does a tap beat the strongest control?"),
@@ -597,6 +597,7 @@ def write_report(root: str | Path, order: list[str] | None = None, panels: bool 
                                   "What does the consistency term add (vs mars-off; rotaug where no unlabelled crops)?")):
         effects = by_rank(regime_effects(comps, table, control)) if len(comps) else comps
         if len(effects): figs[name] = plot_regime_map(effects, order, title)
+        else: (figdir / name).unlink(missing_ok=True)               # no whole regime yet: no map left from before
     for name, fig in figs.items():
         fig.savefig(figdir / name, dpi=120, bbox_inches="tight"); plt.close(fig)
     table.to_csv(out / "summary.csv", index=False)

@@ -240,6 +240,7 @@ def test_a_regime_still_running_is_tabled_but_not_compared(tmp_path):
     write_report(root, panels=False)                       # not told the grid: craters-b's lone runs are compared ...
     assert "craters-b" in set(pd.read_csv(root / "comparisons.csv")["dataset"])
     write_report(root, panels=False, expected=grid)        # ... told: tabled, but neither compared nor read
+    assert (root / "figures" / "regime_map.png").exists()   # craters-a is whole: mapped
     readme = (root / "README.md").read_text()
     assert set(pd.read_csv(root / "comparisons.csv")["dataset"]) == {"craters-a"}
     assert "**In progress.** Still running: craters-b (2 of 9)." in readme
@@ -247,6 +248,7 @@ def test_a_regime_still_running_is_tabled_but_not_compared(tmp_path):
     assert set(pd.read_csv(root / "summary.csv")["dataset"]) == {"craters-a", "craters-b"}
     write_report(root, panels=False, expected=grid + [SimpleNamespace(name="craters-a-mars-y-s0", dataset="craters-a")])
     assert not (root / "comparisons.csv").exists(), "nothing whole to compare: no table left from the last report"
+    assert not (root / "figures" / "regime_map.png").exists(), "nor a map"
     assert "## Comparisons" not in (root / "README.md").read_text()
 
 
@@ -278,14 +280,15 @@ def test_the_replicates_figure_draws_every_run_and_joins_each_replicate(tmp_path
 def test_a_tap_is_read_against_mars_off_where_the_regime_has_it(tmp_path):
     "mars-off (the same training, consistency at 0) is what isolates the term: every config is compared with it."
     from mars_nb.report import collect, comparisons, regime_effects, summary_table
-    root = _fake_root(tmp_path / "g", {"rotaug": 0, "mars-off": 10, "mars-x": 12}, dataset="craters-l10")
+    # pseudo is the strongest control here, so mars-off is compared with because it is a reference, not the strongest
+    root = _fake_root(tmp_path / "g", {"rotaug": 0, "mars-off": 10, "pseudo": 25, "mars-x": 12}, dataset="craters-l10")
     _fake_root(root, {"rotaug": 0, "mars-x": 12}, dataset="craters-unseen")
     runs, _ = collect(root)
     table = summary_table(runs)
     comps = comparisons(root, runs, table)
     l10 = comps[comps["dataset"] == "craters-l10"]
-    assert set(l10[l10["config"] == "mars-x"]["control"]) == {"rotaug", "mars-off"}
-    assert set(l10[l10["config"] == "rotaug"]["control"]) == {"mars-off"}
+    assert set(l10[l10["config"] == "mars-x"]["control"]) == {"rotaug", "mars-off", "pseudo"}
+    assert set(l10[l10["config"] == "rotaug"]["control"]) == {"mars-off", "pseudo"}
     eff = regime_effects(comps, table, ("mars-off", "rotaug")).set_index("dataset")
     assert eff.loc["craters-l10", "control"] == "mars-off" and eff.loc["craters-unseen", "control"] == "rotaug"
     vs_rotaug = l10.set_index(["config", "control"]).loc[("mars-x", "rotaug"), "diff"]
