@@ -363,7 +363,9 @@ def test_the_lite0_regimes_join_the_regime_study_without_a_name_in_common():
     from mars_nb.config import config_from_params
     lite0 = {r.name: r for r in load_grid(ROOT / "grids" / "regimes-lite0.yaml")}
     tiny = {r.name: r for r in load_grid(ROOT / "grids" / "regimes.yaml")}
-    assert len(lite0) == 2 * 5 * 5 and not set(lite0) & set(tiny)
+    assert len(lite0) == 2 * 6 * 5 and not set(lite0) & set(tiny)     # 6 configurations, mars-off among them
     assert {r.out_dir.parent for r in lite0.values()} == {r.out_dir.parent for r in tiny.values()}    # one report
     cfg = config_from_params(**lite0["craters-l10-lite0-mars-hybrid-s3"].params)
     assert cfg.model.preset == "lite0" and cfg.data.labelled == 0.1 and cfg.data.unlabelled
+    off = config_from_params(**lite0["craters-l100-lite0-mars-off-s0"].params)
+    assert off.data.unlabelled and off.mars["stages"]["backbone"]["weight"] == 0
