@@ -240,6 +240,8 @@ class TrainConfig(YamlConfig):
     ckpt_every: int = 100
     log_every: int = 10
     share_every: int = 50             # mode mars: log each stage's gradient share every this many steps (0: never)
+    bn_batches: int = 0               # after training: batch-norm statistics re-estimated over this many training
+                                      # batches, unlabelled crops included where offered (0: as training left them)
 
     def __post_init__(self):
         if self.mode not in MODES: raise ConfigError(f"mode {self.mode!r} is not one of {list(MODES)}")
@@ -247,6 +249,8 @@ class TrainConfig(YamlConfig):
         for k in ("steps", "ckpt_every", "log_every", "devices", "num_nodes"):
             if getattr(self, k) < 1: raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
         _need(self.share_every >= 0, f"share_every must be >= 0 steps (0: never), got {self.share_every}")
+        _need(self.bn_batches >= 0, f"bn_batches must be >= 0 training batches (0: keep the statistics training left), "
+                                    f"got {self.bn_batches}")
         _need(self.view1_angles is None or self.mode != "none", "view1_angles turns view 1; mode 'none' trains it alone "
               "upright by definition: use mode 'rotaug' for two views at random angles")
         _need(_finite(self.lr) and self.lr > 0, f"lr must be a finite number > 0, got {self.lr}")
@@ -302,18 +306,19 @@ def config_diff(old: dict, new: dict, free: tuple = ()) -> dict:
 # %% ../nbs/05_config.ipynb #c032
 RUN_PARAMS = ("name", "dataset", "root", "folds", "class_names", "group", "split_file", "label_map", "labelled",
               "unlabelled", "mode", "preset", "pretrained", "overrides", "steps", "crop", "batch_size", "lr", "train_angles",
-              "view1_angles", "eval_angles", "eval_split", "seed", "device", "devices", "channels_last", "mars")
+              "view1_angles", "eval_angles", "eval_split", "seed", "device", "devices", "channels_last", "bn_batches", "mars")
 
 def run_name(params: dict) -> str:
     """The name a run gets when none is given: `<dataset>-<mode>[-any]` or `<dataset>-mars-<preset>`, then
     `-l<percent labelled>` and `-u` (an unlabelled stream, mode mars) where set, the model preset unless `tiny`,
-    then `-s<seed>`."""
+    `-bn` where batch-norm statistics are re-estimated after training, then `-s<seed>`."""
     mode, mars = params.get("mode", TrainConfig.mode), params.get("mars")
     preset = mars if isinstance(mars, str) else (mars or {}).get("preset", "custom" if mars else "hybrid")
     what = f"mars-{preset}" if mode == "mars" else f"{mode}-any" if params.get("view1_angles") else mode
     labelled = params.get("labelled", DataConfig.labelled)
     what += (f"-l{100 * labelled:g}" if labelled != 1 else "") + ("-u" if params.get("unlabelled") and mode == "mars" else "")
     what += f"-{params['preset']}" if params.get("preset", ModelConfig.preset) != ModelConfig.preset else ""
+    what += "-bn" if params.get("bn_batches") else ""
     return f"{params.get('dataset', DataConfig.dataset)}-{what}-s{params.get('seed', TrainConfig.seed)}"
 
 
@@ -333,7 +338,8 @@ def config_from_params(**params) -> RunConfig:
         "data": {k: p[k] for k in ("dataset", "root", "folds", *FOLDER_KEYS, "labelled", "unlabelled", "crop", "batch_size")
                  if k in p},
         "model": {"preset": p.get("preset"), "pretrained": p.get("pretrained"), "overrides": p.get("overrides")},
-        "train": {**{k: p[k] for k in ("mode", "steps", "lr", "seed", "device", "devices", "channels_last") if k in p},
+        "train": {**{k: p[k] for k in ("mode", "steps", "lr", "seed", "device", "devices", "channels_last", "bn_batches")
+                     if k in p},
                   "angles": angles,
                   "view1_angles": angles1},
         "mars": mars,

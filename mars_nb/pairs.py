@@ -14,7 +14,7 @@ from .config import FOLDER_KEYS, AnglePolicy, RunConfig
 from .data import load_dataset
 
 # %% auto #0
-__all__ = ['ViewPairs', 'StepSampler', 'collate_pairs', 'ViewPairData', 'dataset_for']
+__all__ = ['ViewPairs', 'StepSampler', 'collate_pairs', 'stack_views', 'ViewPairData', 'dataset_for', 'recalibration_batches']
 
 # %% ../nbs/05a_pairs.ipynb #c014
 class ViewPairs(torch.utils.data.Dataset):
@@ -71,6 +71,13 @@ def collate_pairs(items: list[dict]) -> dict:
         out[k] = angles.pop()
     return out
 
+
+def stack_views(batch: dict, what: str = "image") -> torch.Tensor:
+    """One tensor of both views of a collated batch, as the network sees them: view 1 then view 2, each view's
+    unlabelled crops (where the batch has them) after its labelled ones. `what`: "image" or "label"."""
+    view = lambda k: torch.cat([batch[k], batch[f"u_{k}"]]) if f"u_{k}" in batch else batch[k]
+    return torch.cat([view(f"{what}1"), view(f"{what}2")])
+
 # %% ../nbs/05a_pairs.ipynb #c016
 class ViewPairData(L.LightningDataModule):
     "The training stream for a `RunConfig`; restarts where the trainer's `global_step` says."
@@ -96,3 +103,13 @@ def dataset_for(cfg: RunConfig):
     kw = {"root": d.root, **{k: getattr(d, k) for k in FOLDER_KEYS if getattr(d, k) is not None}} if d.dataset == "folder" else {}
     if cfg.data.folds: kw.update(folds=cfg.data.folds, fold=cfg.train.seed % cfg.data.folds)
     return load_dataset(cfg.data.dataset, labelled=d.labelled, unlabelled=d.unlabelled, **kw)
+
+
+def recalibration_batches(cfg: RunConfig, ds=None):
+    """The images (`stack_views`) of the first `cfg.train.bn_batches` training batches of a run, with the unlabelled
+    crops wherever its data offers them, in every mode: what `train.recalibrate_bn` averages batch statistics over."""
+    c, t = cfg.data, cfg.train
+    pairs = ViewPairs(ds if ds is not None else dataset_for(cfg), c.crop, c.batch_size, t.angles, t.seed,
+                      policy1=t.view1_angles, unlabelled=c.unlabelled)
+    for s in range(t.bn_batches):
+        yield stack_views(collate_pairs([pairs[s * c.batch_size + i] for i in range(c.batch_size)]))

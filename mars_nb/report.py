@@ -54,12 +54,12 @@ def collect(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     return pd.DataFrame(runs), pd.concat(sweeps, ignore_index=True)
 
 
-CONTROLS = ("none", "rotaug", "rotaug-any", "mars-off", "outcons", "pseudo")
+CONTROLS = ("none", "rotaug", "rotaug-any", "rotaug-bn", "mars-off", "outcons", "pseudo")
 "The controls every MARS configuration is read against, in report order."
 
 
 def config_order(configs) -> list[str]:
-    """The controls first (`none`, `rotaug`, `rotaug-any`, `mars-off`, `outcons`, `pseudo`), then `mars-<preset>` from the backbone inwards
+    """The controls first (in the order of `CONTROLS`), then `mars-<preset>` from the backbone inwards
     (the order of `losses.PRESETS`), then every other configuration alphabetically."""
     from mars_nb.losses import PRESETS  # noqa: PLC0415
     depth = {f"mars-{p}": i for i, p in enumerate(PRESETS)}

@@ -22,13 +22,13 @@ from .config import STRIDE, ConfigError, RunConfig
 from .files import FolderLock, RunLocked
 from .losses import MarsLoss, gradient_shares
 from .model import build_model, mask2former_loss
-from .pairs import ViewPairData
+from .pairs import ViewPairData, recalibration_batches, stack_views
 from .runfolder import SafeCheckpointIO, check_resumable, save_weights
 from .taps import tap_meta
 
 # %% auto #0
 __all__ = ['mars_loss_for', 'MarsModule', 'warmup_poly', 'NonFiniteLoss', 'check_finite', 'check_weights_finite',
-           'resolve_device', 'slurm_task_check', 'make_trainer', 'preflight', 'fit', 'main']
+           'resolve_device', 'slurm_task_check', 'make_trainer', 'recalibrate_bn', 'preflight', 'fit', 'main']
 
 # %% ../nbs/05d_train.ipynb #c018
 def mars_loss_for(cfg: RunConfig, model):
@@ -70,8 +70,7 @@ class MarsModule(L.LightningModule):
         if t.view1_angles is not None: t.view1_angles.check(batch["angle1"])
         elif batch["angle1"] != 0: raise ValueError(f"view 1 is upright in this run (no view1_angles), got angle1={batch['angle1']}")
         # unlabelled crops join each view after the labelled ones; their labels are all IGNORE, so only MARS sees them
-        view = lambda k: torch.cat([batch[k], batch[f"u_{k}"]]) if f"u_{k}" in batch else batch[k]
-        return torch.cat([view("image1"), view("image2")]), torch.cat([view("label1"), view("label2")])
+        return stack_views(batch, "image"), stack_views(batch, "label")
 
     def _mars_terms(self, taps, out, batch: dict, image_size) -> dict:
         "The MARS terms of this step: view 2 compared with view 1 through their relative rotation."
@@ -201,6 +200,27 @@ def make_trainer(cfg: RunConfig, out_dir: str | Path, progress: bool = True, **o
     if (t.devices > 1 or t.num_nodes > 1) and acc == "cpu": kw["strategy"] = "ddp"
     return L.Trainer(**{**kw, **overrides})
 
+# %% ../nbs/05d_train.ipynb #n4dc98b1
+@torch.no_grad()
+def recalibrate_bn(model: torch.nn.Module, batches) -> int:
+    """Re-estimate the running mean and variance of every batch-norm layer of `model` as the plain average of its
+    batch statistics over `batches` (input tensors), forwarding them in train mode; no weight changes. Leaves
+    `model` in eval mode and returns the number of layers."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns: raise ValueError("the model has no batch-norm layer with running statistics: nothing to recalibrate")
+    momenta = [m.momentum for m in bns]
+    for m in bns: m.reset_running_stats(); m.momentum = None          # momentum None: a cumulative (plain) average
+    model.train()
+    n = 0
+    try:
+        for x in batches:
+            model(pixel_values=x); n += 1
+    finally:
+        for m, mom in zip(bns, momenta): m.momentum = mom
+        model.eval()
+    if n == 0: raise ValueError("recalibrate_bn got no batches")
+    return len(bns)
+
 # %% ../nbs/05d_train.ipynb #c025
 def preflight(cfg: RunConfig, ds):
     "Fail now if a training crop does not fit the train split or the evaluation split has no test tile of that size."
@@ -237,6 +257,10 @@ def fit(cfg: RunConfig, out_dir: str | Path, progress: bool = True, ds=None, **t
             raise RuntimeError(f"training of {out} stopped at step {trainer.global_step} of {goal}; run it again to resume")
         if trainer.is_global_zero:
             check_weights_finite(module.model, trainer.global_step)
+            if cfg.train.bn_batches:
+                to = next(module.model.parameters())
+                recalibrate_bn(module.model, (x.to(to.device, memory_format=module.layout)
+                                              for x in recalibration_batches(cfg, data.ds)))
             save_weights(module.model, out / "model.safetensors", cfg)
         return module
     finally:

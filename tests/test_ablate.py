@@ -347,10 +347,12 @@ def test_the_regime_grid_offers_unlabelled_crops_where_labels_are_scarce():
     from conftest import ROOT
     from mars_nb.config import config_from_params
     runs = {r.name: config_from_params(**r.params) for r in load_grid(ROOT / "grids" / "regimes.yaml")}
-    assert len(runs) == (7 * 8 + 5) * 5                 # 8 configurations in 7 regimes; mars-off in the 5 with unlabelled crops
-    assert {n.rsplit("-mars-off-", 1)[0] for n in runs if "-mars-off-" in n} == {
-        "craters-l5", "craters-l10", "craters-l25", "craters-l100", "trees-l10"}
-    assert all(runs[n].data.unlabelled for n in runs if "-mars-off-" in n)
+    assert len(runs) == (7 * 8 + 2 * 5) * 5      # 8 configurations in 7 regimes; mars-off, rotaug-bn in the 5 with unlabelled crops
+    for control in ("-mars-off-", "-rotaug-bn-"):
+        assert {n.rsplit(control, 1)[0] for n in runs if control in n} == {
+            "craters-l5", "craters-l10", "craters-l25", "craters-l100", "trees-l10"}
+        assert all(runs[n].data.unlabelled for n in runs if control in n)
+    assert runs["craters-l10-rotaug-bn-s2"].train.bn_batches > 0 and runs["craters-l10-rotaug-s2"].train.bn_batches == 0
     l10 = runs["craters-l10-mars-pixel-s3"]
     assert l10.data.labelled == 0.1 and l10.data.unlabelled and l10.data.folds == 5
     unseen = runs["craters-unseen-rotaug-any-s0"]
@@ -363,7 +365,7 @@ def test_the_lite0_regimes_join_the_regime_study_without_a_name_in_common():
     from mars_nb.config import config_from_params
     lite0 = {r.name: r for r in load_grid(ROOT / "grids" / "regimes-lite0.yaml")}
     tiny = {r.name: r for r in load_grid(ROOT / "grids" / "regimes.yaml")}
-    assert len(lite0) == 2 * 6 * 5 and not set(lite0) & set(tiny)     # 6 configurations, mars-off among them
+    assert len(lite0) == 2 * 7 * 5 and not set(lite0) & set(tiny)     # 7 configurations, mars-off and rotaug-bn among them
     assert {r.out_dir.parent for r in lite0.values()} == {r.out_dir.parent for r in tiny.values()}    # one report
     cfg = config_from_params(**lite0["craters-l10-lite0-mars-hybrid-s3"].params)
     assert cfg.model.preset == "lite0" and cfg.data.labelled == 0.1 and cfg.data.unlabelled

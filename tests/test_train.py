@@ -797,3 +797,30 @@ def test_a_checkpoint_written_before_a_config_key_existed_still_resumes(tmp_path
     check_resumable(tmp_path / "last.ckpt", RunConfig(), 2, 1)
     with pytest.raises(ConfigError, match=r"train.num_nodes: 1 in the checkpoint, 2 now"):
         check_resumable(tmp_path / "last.ckpt", RunConfig(train=TrainConfig(num_nodes=2)), 2, 1)
+
+
+def test_bn_batches_recalibrates_the_statistics_and_changes_nothing_else(tmp_path):
+    """`train.bn_batches`: the saved weights are those of the same run without it; the batch-norm statistics are those
+    `recalibrate_bn` computes over the run's first training batches, unlabelled crops included (also in mode rotaug)."""
+    from mars_nb.pairs import recalibration_batches
+    from mars_nb.train import recalibrate_bn
+    base = dict(dataset="craters", folds=5, labelled=0.1, unlabelled=True, mode="rotaug", steps=2, crop=64, batch_size=2,
+                seed=1)
+    plain, bn = config_from_params(**base), config_from_params(**base, bn_batches=3)
+    assert bn.train.bn_batches == 3 and bn.name == "craters-rotaug-l10-bn-s1" and plain.name == "craters-rotaug-l10-s1"
+    fit(plain, tmp_path / "a", progress=False)
+    fit(bn, tmp_path / "b", progress=False)
+    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    stats = {k for k in wa if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    assert stats and wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa.keys() - stats)
+    assert not all(torch.equal(wa[k], wb[k]) for k in stats)
+    batches = list(recalibration_batches(bn))
+    assert len(batches) == 3 and batches[0].shape == (8, 1, 64, 64)         # per view: 2 labelled, then 2 unlabelled crops
+    model, _ = load_trained(tmp_path / "a")
+    assert recalibrate_bn(model, batches) > 0
+    assert all(torch.allclose(model.state_dict()[k].float(), wb[k].float(), atol=1e-5) for k in stats)
+    assert int(wb[next(k for k in stats if k.endswith("num_batches_tracked"))]) == 3
+    with pytest.raises(ValueError, match="no batch-norm layer"):
+        recalibrate_bn(torch.nn.Linear(2, 2), batches)
+    with pytest.raises(ConfigError, match="bn_batches must be >= 0"):
+        config_from_params(**base, bn_batches=-1)
