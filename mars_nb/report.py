@@ -388,9 +388,10 @@ def compare(root: str | Path, runs: pd.DataFrame, config: str, control: str, dat
             "hi": float(np.percentile(boot, 97.5)), "se": se, "mde": MDE_FACTOR * se}
 
 
-REFERENCES = ("rotaug", "mars-off")
+REFERENCES = ("rotaug", "rotaug-bn", "mars-off")
 """Controls every configuration is compared with where a dataset has them (besides its strongest control):
-`rotaug`, supervised training of the rotated views, and `mars-off`, a MARS run with the consistency term at 0."""
+`rotaug`, supervised training of the rotated views; `rotaug-bn`, the same with its batch-norm statistics re-estimated
+with the unlabelled crops after training; `mars-off`, a MARS run with the consistency term at 0."""
 
 
 def comparisons(root: str | Path, runs: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
