@@ -173,8 +173,10 @@ def _kernel_manager():
 
 
 def execute(run: Run, template: Path | None = None, kernel: str = "python3") -> None:
-    "Execute `run.ipynb` for one run through papermill into its folder."
+    """Execute `run.ipynb` for one run through papermill into its folder (the kernel's IPC sockets live there; those of
+    a kernel killed with an earlier attempt are removed first)."""
     import papermill as pm  # noqa: PLC0415  (grid runs only)
+    for stale in run.out_dir.glob("kernel-ipc-*"): stale.unlink()
     pm.execute_notebook(str(template or default_template()), str(run.out_dir / "run.ipynb"),
                         parameters={**run.params, "out_dir": str(run.out_dir.resolve())},
                         kernel_name=kernel, progress_bar=False, cwd=str(run.out_dir),

@@ -371,3 +371,18 @@ def test_the_lite0_regimes_join_the_regime_study_without_a_name_in_common():
     assert cfg.model.preset == "lite0" and cfg.data.labelled == 0.1 and cfg.data.unlabelled
     off = config_from_params(**lite0["craters-l100-lite0-mars-off-s0"].params)
     assert off.data.unlabelled and off.mars["stages"]["backbone"]["weight"] == 0
+
+
+def test_an_attempt_removes_the_sockets_a_killed_kernel_left(grid, monkeypatch):
+    import socket
+    import papermill
+    from mars_nb.ablate import execute
+    run = load_grid(grid)[0]
+    run.out_dir.mkdir(parents=True)
+    left = socket.socket(socket.AF_UNIX)
+    left.bind(str(run.out_dir / "kernel-ipc-1")); left.close()            # what a kernel killed mid-run leaves behind
+    (run.out_dir / "config.yaml").write_text("kept: true\n")
+    seen = []
+    monkeypatch.setattr(papermill, "execute_notebook", lambda *a, **kw: seen.append(sorted(p.name for p in run.out_dir.iterdir())))
+    execute(run)
+    assert seen == [["config.yaml"]]
