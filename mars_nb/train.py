@@ -205,20 +205,24 @@ def make_trainer(cfg: RunConfig, out_dir: str | Path, progress: bool = True, **o
 def recalibrate_bn(model: torch.nn.Module, batches) -> int:
     """Re-estimate the running mean and variance of every batch-norm layer of `model` as the plain average of its
     batch statistics over `batches` (input tensors), forwarding them in train mode; no weight changes. Leaves
-    `model` in eval mode and returns the number of layers."""
+    `model` in eval mode and returns the number of layers; if no batch comes or a forward fails, the statistics are
+    those it had."""
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not bns: raise ValueError("the model has no batch-norm layer with running statistics: nothing to recalibrate")
-    momenta = [m.momentum for m in bns]
+    momenta, kept = [m.momentum for m in bns], [{k: v.clone() for k, v in m.state_dict().items()} for m in bns]
     for m in bns: m.reset_running_stats(); m.momentum = None          # momentum None: a cumulative (plain) average
     model.train()
     n = 0
     try:
         for x in batches:
             model(pixel_values=x); n += 1
+        if n == 0: raise ValueError("recalibrate_bn got no batches")
+    except BaseException:
+        for m, state in zip(bns, kept): m.load_state_dict(state)
+        raise
     finally:
         for m, mom in zip(bns, momenta): m.momentum = mom
         model.eval()
-    if n == 0: raise ValueError("recalibrate_bn got no batches")
     return len(bns)
 
 # %% ../nbs/05d_train.ipynb #c025
