@@ -34,9 +34,10 @@ reports: $(STAMP)
 	$(VENV)/bin/mars-ablate grids/default.yaml --jobs $(JOBS)
 
 # The MARS weights, chosen on the val band: every tap at x1..x100 of its base weight (reports/weights/); the
-# weights grids/default.yaml uses come from its table.
+# weights grids/default.yaml uses come from its table. Then the same question at 10 % labels (reports/weights-l10/).
 weights: $(STAMP)
 	$(VENV)/bin/mars-ablate grids/weights.yaml --jobs $(JOBS)
+	$(VENV)/bin/mars-ablate grids/weights-l10.yaml --jobs $(JOBS)
 
 # The regime study (grids/regimes.yaml, 330 runs): label-scarce craters with unlabelled images, unseen angles, and
 # the trees; then the same on the ImageNet-pretrained Lite0 backbone (grids/regimes-lite0.yaml, 70 runs): one
