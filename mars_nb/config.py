@@ -251,6 +251,8 @@ class TrainConfig(YamlConfig):
         _need(self.share_every >= 0, f"share_every must be >= 0 steps (0: never), got {self.share_every}")
         _need(self.bn_batches >= 0, f"bn_batches must be >= 0 training batches (0: keep the statistics training left), "
                                     f"got {self.bn_batches}")
+        _need(self.bn_batches == 0 or self.mode != "none", "bn_batches re-estimates batch-norm statistics over both "
+              "views of the training batches; mode 'none' trains on the upright view alone: use mode 'rotaug'")
         _need(self.view1_angles is None or self.mode != "none", "view1_angles turns view 1; mode 'none' trains it alone "
               "upright by definition: use mode 'rotaug' for two views at random angles")
         _need(_finite(self.lr) and self.lr > 0, f"lr must be a finite number > 0, got {self.lr}")

@@ -293,3 +293,14 @@ def test_a_tap_is_read_against_mars_off_where_the_regime_has_it(tmp_path):
     assert eff.loc["craters-l10", "control"] == "mars-off" and eff.loc["craters-unseen", "control"] == "rotaug"
     vs_rotaug = l10.set_index(["config", "control"]).loc[("mars-x", "rotaug"), "diff"]
     assert abs(eff.loc["craters-l10", "diff"]) < vs_rotaug / 3          # most of what mars-x gains, mars-off has
+
+
+def test_rotaug_bn_is_a_reference_and_never_a_column_of_the_map(tmp_path):
+    "Every configuration is compared with rotaug-bn where a regime has it; as a control it is no cell of a regime map."
+    from mars_nb.report import collect, comparisons, regime_effects, summary_table
+    root = _fake_root(tmp_path / "g", {"rotaug": 0, "rotaug-bn": 5, "pseudo": 25, "mars-x": 12}, dataset="craters-l10")
+    runs, _ = collect(root)
+    table = summary_table(runs)
+    comps = comparisons(root, runs, table)
+    assert set(comps[comps["config"] == "mars-x"]["control"]) == {"rotaug", "rotaug-bn", "pseudo"}
+    assert set(regime_effects(comps, table)["config"]) == {"mars-x"}

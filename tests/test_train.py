@@ -824,3 +824,9 @@ def test_bn_batches_recalibrates_the_statistics_and_changes_nothing_else(tmp_pat
         recalibrate_bn(torch.nn.Linear(2, 2), batches)
     with pytest.raises(ConfigError, match="bn_batches must be >= 0"):
         config_from_params(**base, bn_batches=-1)
+
+
+def test_bn_batches_is_refused_in_mode_none():
+    "Mode none trains on the upright view alone; recalibrating over both views would feed it crops it never saw."
+    with pytest.raises(ConfigError, match="mode 'none' trains on the upright view alone"):
+        config_from_params(mode="none", bn_batches=4)
