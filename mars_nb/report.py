@@ -37,7 +37,8 @@ def seen_angles(run_dir: str | Path, angles) -> np.ndarray:
 
 def collect(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(summary per run, sweep rows per run and angle) of every finished run under `root/runs`; runs trained on
-    some orientations only also get their mean foreground IoU over the orientations they saw and did not see."""
+    some orientations only also get their mean foreground IoU over the orientations they saw and did not see (and
+    each sweep row says whether its angle was `seen`)."""
     runs, sweeps = [], []
     for done in sorted(Path(root).glob("runs/*/done.json")):
         d = json.loads(done.read_text())
@@ -49,7 +50,7 @@ def collect(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
                  } if not seen.all() else {}
         runs.append({**key, **{k: v for k, v in metrics.items() if k not in ("name", "dataset", "seed")}, **split,
                      "seconds": d.get("seconds")})
-        sweeps.append(sweep.assign(**key))
+        sweeps.append(sweep.assign(**key, seen=seen))
     if not runs: raise FileNotFoundError(f"no finished runs (runs/*/done.json) under {root}")
     return pd.DataFrame(runs), pd.concat(sweeps, ignore_index=True)
 
@@ -159,13 +160,19 @@ def config_legend(fig, configs: list[str], colors: dict, bars: bool = False):
 
 
 def plot_metric_vs_angle(sweeps: pd.DataFrame, metric: str = "fg_iou", order: list[str] | None = None, ylabel=None):
-    "One panel per dataset, one line per config (mean over seeds) with its 95% CI band."
+    """One panel per dataset, one line per config (mean over seeds) with its 95% CI band; where training saw some
+    orientations only, the angles every run of the panel saw are shaded grey."""
     datasets = list(dict.fromkeys(sweeps["dataset"]))
     fig, axes = panel_grid(len(datasets), 5.5, 3.6, sharey=True)
     configs = order or list(dict.fromkeys(sweeps["config"]))
     colors = config_colors(configs)
     for ax, dataset in zip(axes, datasets):
         d = sweeps[sweeps["dataset"] == dataset]
+        seen = d.groupby("angle")["seen"].all() if "seen" in d else pd.Series(dtype=bool)
+        if len(seen) > 1 and not seen.all():
+            half = np.diff(seen.index).min() / 2
+            for a in seen.index[seen.to_numpy()]: ax.axvspan(a - half, a + half, color="0.88", lw=0, zorder=0)
+            ax.text(0.99, 0.98, "grey: angles seen in training", transform=ax.transAxes, ha="right", va="top", fontsize=7)
         for config in configs:
             g = d[d["config"] == config]
             if g.empty: continue

@@ -173,7 +173,8 @@ def test_comparisons_read_each_config_against_rotaug_and_the_strongest_control(t
 def test_a_regime_trained_on_some_angles_is_read_on_the_angles_it_never_saw(tmp_path):
     import numpy as np
     import pandas as pd
-    from mars_nb.report import collect, comparisons, regime_effects, seen_angles, summary_table, write_report
+    from mars_nb.report import (collect, comparisons, plot_metric_vs_angle, regime_effects, seen_angles, summary_table,
+                                 write_report)
     from mars_nb.config import AnglePolicy, TrainConfig
     angles = (0.0, 30.0, 90.0, 180.0, 270.0, 330.0)
     limited = TrainConfig(mode="rotaug", angles=AnglePolicy("range", [-45.0, 45.0]))
@@ -183,7 +184,10 @@ def test_a_regime_trained_on_some_angles_is_read_on_the_angles_it_never_saw(tmp_
                train=TrainConfig(mode="rotaug", angles=AnglePolicy("range", [0.0, 360.0])))
     run = root / "runs" / "craters-unseen-rotaug-s0"
     np.testing.assert_array_equal(seen_angles(run, angles), [True, True, False, False, False, True])   # -45..45 mod 360
-    runs, _ = collect(root)
+    runs, sweeps = collect(root)
+    fig = plot_metric_vs_angle(sweeps)
+    shaded = {ax.get_title(): [p.get_x() + p.get_width() / 2 for p in ax.patches] for ax in fig.axes if ax.get_title()}
+    assert shaded == {"craters-unseen": [0.0, 30.0, 330.0], "craters-full": []}, "the angles seen in training, shaded"
     u = runs[runs["dataset"] == "craters-unseen"]
     sw = pd.read_csv(run / "sweep.csv")
     assert u.set_index("run").loc["craters-unseen-rotaug-s0", "fg_iou_unseen"] == sw["fg_iou"][[2, 3, 4]].mean()
