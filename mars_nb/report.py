@@ -15,13 +15,14 @@ import yaml
 from scipy import stats
 
 # %% auto #0
-__all__ = ['CONTROLS', 'SUMMARY_COLUMNS', 'MDE_FACTOR', 'ANGLE_SETS', 'REFERENCES', 'seen_angles', 'collect', 'config_order',
-           'config_colors', 'mean_ci', 'summary_table', 'class_iou_markdown', 'to_markdown', 'panel_grid',
-           'config_legend', 'plot_metric_vs_angle', 'plot_summary_bars', 'plot_replicates', 'collect_features',
-           'plot_feature_consistency', 'plot_training_curves', 'plot_attention_panels', 'mean_fg_iou', 'tile_bootstrap',
-           'run_confusion', 'strongest_control', 'compare', 'comparisons', 'regime_effects', 'plot_regime_map',
-           'paired_differences', 'verdict', 'reading', 'comparisons_markdown', 'unfinished', 'progress_note',
-           'write_readme', 'write_report', 'weight_curves', 'choose_weights', 'plot_weight_curves', 'weights_section']
+__all__ = ['CONTROLS', 'SUMMARY_COLUMNS', 'MDE_FACTOR', 'ANGLE_SETS', 'REFERENCES', 'seen_angles', 'collect', 'weight_multiplier',
+           'config_order', 'config_colors', 'mean_ci', 'summary_table', 'class_iou_markdown', 'to_markdown',
+           'panel_grid', 'config_legend', 'plot_metric_vs_angle', 'plot_summary_bars', 'plot_replicates',
+           'collect_features', 'plot_feature_consistency', 'plot_training_curves', 'plot_attention_panels',
+           'mean_fg_iou', 'tile_bootstrap', 'run_confusion', 'strongest_control', 'compare', 'comparisons',
+           'regime_effects', 'plot_regime_map', 'paired_differences', 'verdict', 'reading', 'comparisons_markdown',
+           'unfinished', 'progress_note', 'write_readme', 'write_report', 'weight_curves', 'choose_weights',
+           'plot_weight_curves', 'weights_section']
 
 # %% ../nbs/08_report.ipynb #c005
 def seen_angles(run_dir: str | Path, angles) -> np.ndarray:
@@ -59,13 +60,22 @@ CONTROLS = ("none", "rotaug", "rotaug-any", "rotaug-bn", "mars-off", "outcons", 
 "The controls every MARS configuration is read against, in report order."
 
 
+def weight_multiplier(config: str) -> tuple[str, float | None]:
+    "A configuration named `<name>-x<multiplier>` (a tap with its weight scaled): (name, multiplier); else (config, None)."
+    name, _, mult = config.rpartition("-x")
+    return (name, float(mult)) if name and mult.replace(".", "", 1).isdigit() else (config, None)
+
+
 def config_order(configs) -> list[str]:
     """The controls first (in the order of `CONTROLS`), then `mars-<preset>` from the backbone inwards
-    (the order of `losses.PRESETS`), then every other configuration alphabetically."""
+    (the order of `losses.PRESETS`), each followed by its re-weighted `mars-<preset>-x<multiplier>` by multiplier,
+    then every other configuration alphabetically."""
     from mars_nb.losses import PRESETS  # noqa: PLC0415
     depth = {f"mars-{p}": i for i, p in enumerate(PRESETS)}
-    rest = sorted((c for c in set(configs) if c not in CONTROLS), key=lambda c: (depth.get(c, len(depth)), c))
-    return [c for c in CONTROLS if c in set(configs)] + rest
+    def key(c):
+        name, mult = weight_multiplier(c)
+        return (depth.get(name, len(depth)), 1.0 if c in depth else mult or 0.0, c)
+    return [c for c in CONTROLS if c in set(configs)] + sorted((c for c in set(configs) if c not in CONTROLS), key=key)
 
 
 def config_colors(configs) -> dict:
@@ -625,13 +635,12 @@ def weight_curves(root: str | Path) -> pd.DataFrame:
     runs, _ = collect(root)
     rows = []
     for r in runs.itertuples():
-        tap, _, mult = r.config.rpartition("-x")
-        if not tap or not mult.replace(".", "", 1).isdigit(): tap, mult = r.config, ""     # a control, e.g. rotaug
+        tap, mult = weight_multiplier(r.config)                    # a control (e.g. rotaug) has no multiplier
         cfg = yaml.safe_load((Path(root) / "runs" / r.run / "config.yaml").read_text())
         stages = (cfg.get("mars") or {}).get("stages") or {}
         log = read_log(Path(root) / "runs" / r.run)
         share = [c for c in log.columns if c.startswith("train/share/")]
-        rows.append({"tap": tap if mult else r.config, "multiplier": float(mult) if mult else float("nan"),
+        rows.append({"tap": tap, "multiplier": float("nan") if mult is None else mult,
                      "weight": sum(s["weight"] for s in stages.values()) if stages else 0.0, "seed": r.seed,
                      "fg_iou_mean": r.fg_iou_mean, "split": cfg.get("eval", {}).get("split"),
                      "share": float(log[share].mean().sum()) if share else float("nan")})
