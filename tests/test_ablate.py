@@ -347,11 +347,14 @@ def test_the_regime_grid_offers_unlabelled_crops_where_labels_are_scarce():
     from conftest import ROOT
     from mars_nb.config import config_from_params
     runs = {r.name: config_from_params(**r.params) for r in load_grid(ROOT / "grids" / "regimes.yaml")}
-    assert len(runs) == (7 * 8 + 2 * 5) * 5      # 8 configurations in 7 regimes; mars-off, rotaug-bn in the 5 with unlabelled crops
+    assert len(runs) == (7 * 8 + 2 * 5 + 4 * 3) * 5   # 8 configurations in 7 regimes; mars-off, rotaug-bn in the 5 with unlabelled
+    # crops; the 3 re-weighted at 10 % labels in the 4 label-scarce ones
     for control in ("-mars-off-", "-rotaug-bn-"):
         assert {n.rsplit(control, 1)[0] for n in runs if control in n} == {
             "craters-l5", "craters-l10", "craters-l25", "craters-l100", "trees-l10"}
         assert all(runs[n].data.unlabelled for n in runs if control in n)
+    assert {n.rsplit("-mars-hybrid-scarce-", 1)[0] for n in runs if "-mars-hybrid-scarce-" in n} == {
+        "craters-l5", "craters-l10", "craters-l25", "trees-l10"}
     assert runs["craters-l10-rotaug-bn-s2"].train.bn_batches > 0 and runs["craters-l10-rotaug-s2"].train.bn_batches == 0
     l10 = runs["craters-l10-mars-pixel-s3"]
     assert l10.data.labelled == 0.1 and l10.data.unlabelled and l10.data.folds == 5

@@ -51,3 +51,32 @@ def test_every_interval_the_readme_quotes_is_in_a_committed_report():
     stray = quoted - rows
     assert not stray, f"README intervals not found in any reports/**/comparisons.csv: {sorted(stray)}"
     assert _triples("x −0.041 [−0.093, +0.004] y +0.5 [1.0, 2.0]") == {(-0.041, -0.093, 0.004)}
+
+
+def test_the_study_grids_use_the_weights_val_chose():
+    """Every consistency weight in the study grids is the one `choose_weights` reads off a committed val grid: at full
+    labels (reports/weights/) for every tap and control, at 10 % labels (reports/weights-l10/) for the taps the regime
+    study re-weights where labels are scarce — exactly those whose choice changed, named by the multiplier."""
+    import pandas as pd
+    import yaml
+    from mars_nb.report import choose_weights, weight_multiplier
+
+    def chosen(report):
+        c = choose_weights(pd.read_csv(ROOT / "reports" / report / "weight_curves.csv"))
+        return dict(zip(c["tap"], c["weight"]))
+
+    def weights(cfg): return {k: v["weight"] for k, v in cfg["mars"]["stages"].items()}
+
+    stage = {"backbone": "backbone", "pixel": "pixel_decoder", "attention": "attention"}
+    full, scarce = chosen("weights"), chosen("weights-l10")
+    for name in ("default", "regimes"):
+        configs = yaml.safe_load((ROOT / "grids" / f"{name}.yaml").read_text())["configs"]
+        for tap, key in stage.items(): assert weights(configs[f"mars-{tap}"]) == {key: full[tap]}, (name, tap)
+        assert weights(configs["mars-hybrid"]) == {stage[t]: full[t] for t in stage}
+        assert weights(configs["outcons"]) == {"output": full["output"]}
+    assert weights(configs.pop("mars-hybrid-scarce")) == {stage[t]: scarce[t] for t in stage}
+    reweighted = {n: weight_multiplier(n) for n in configs if weight_multiplier(n)[1] is not None}
+    assert {name[len("mars-"):] for name, _ in reweighted.values()} == {t for t in stage if scarce[t] != full[t]}
+    for n, (name, mult) in reweighted.items():
+        tap = name[len("mars-"):]
+        assert weights(configs[n]) == {stage[tap]: scarce[tap]} and mult == round(scarce[tap] / full[tap]), n
