@@ -69,12 +69,12 @@ def weight_multiplier(config: str) -> tuple[str, float | None]:
 def config_order(configs) -> list[str]:
     """The controls first (in the order of `CONTROLS`), then `mars-<preset>` from the backbone inwards
     (the order of `losses.PRESETS`), each followed by its re-weighted `mars-<preset>-x<multiplier>` by multiplier,
-    then every other configuration alphabetically."""
+    then every other configuration alphabetically (`<name>-x<multiplier>` by name, then multiplier)."""
     from mars_nb.losses import PRESETS  # noqa: PLC0415
     depth = {f"mars-{p}": i for i, p in enumerate(PRESETS)}
     def key(c):
         name, mult = weight_multiplier(c)
-        return (depth.get(name, len(depth)), 1.0 if c in depth else mult or 0.0, c)
+        return (depth.get(name, len(depth)), name, 1.0 if mult is None else mult)
     return [c for c in CONTROLS if c in set(configs)] + sorted((c for c in set(configs) if c not in CONTROLS), key=key)
 
 
