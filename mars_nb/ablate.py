@@ -194,8 +194,8 @@ def run_step(run: Run) -> str:
 
 
 def _watch(bar, runs: list[Run]) -> None:
-    "Show in `bar` the runs in progress (a lock, no done.json) and their steps."
-    busy = [r for r in runs if (r.out_dir / ".lock").exists() and not is_done(r)]
+    "Show in `bar` the runs in progress (their lock held now, no done.json) and their steps."
+    busy = [r for r in runs if (r.out_dir / ".lock").exists() and not is_done(r) and FolderLock(r.out_dir / ".lock").held()]
     bar.set_postfix_str(", ".join(f"{r.name} {run_step(r)}".strip() for r in busy[:3]) or "starting")
 
 

@@ -57,6 +57,17 @@ class FolderLock:
         try: return self.path.read_text().strip()
         except OSError: return ""
 
+    def held(self) -> bool:
+        """Whether a process holds the lock now, found without taking it (taking it even for a moment could turn a
+        runner away): on Linux, whether the process that signed it still has the file open; where that cannot be
+        read (another host, no /proc), whether the file exists."""
+        host, _, pid = self.holder().partition(" ")
+        if host != socket.gethostname() or not pid.isdigit() or not Path("/proc/self/fd").is_dir():
+            return self.path.exists()
+        target = str(self.path.resolve())
+        try: return any(os.readlink(fd) == target for fd in Path(f"/proc/{pid}/fd").iterdir())
+        except OSError: return False                       # the signer has ended
+
     def release(self):
         self._lock.release()
 

@@ -463,7 +463,8 @@ def test_two_trainings_in_one_folder_are_refused(tmp_path):
 
 
 def test_a_lock_held_by_another_process_is_refused_and_dropped_when_it_dies(tmp_path):
-    "The lock is the operating system's: another process holding it refuses us, and its death frees the folder."
+    """The lock is the operating system's: another process holding it refuses us, and its death frees the folder;
+    `held` tells both apart without taking the lock (the grid's progress bar names the runs held now)."""
     import subprocess
     import sys
     import time
@@ -474,9 +475,11 @@ def test_a_lock_held_by_another_process_is_refused_and_dropped_when_it_dies(tmp_
     try:
         assert child.stdout.readline().strip() == "held"
         lock = FolderLock(path)
+        assert lock.held(), "seen as held from outside, without taking it"
         assert not lock.acquire() and lock.holder() == f"{socket.gethostname()} {child.pid}"
     finally:
         child.kill(); child.wait()
+    assert path.exists() and not FolderLock(path).held(), "signed by a process that has died: not held"
     for _ in range(50):                                                  # the kernel drops the lock with the process
         if lock.acquire(): break
         time.sleep(0.1)
