@@ -74,6 +74,8 @@ def test_the_study_grids_use_the_weights_val_chose():
         for tap, key in stage.items(): assert weights(configs[f"mars-{tap}"]) == {key: full[tap]}, (name, tap)
         assert weights(configs["mars-hybrid"]) == {stage[t]: full[t] for t in stage}
         assert weights(configs["outcons"]) == {"output": full["output"]}
+        if "mars-paper" in configs: assert weights(configs["mars-paper"]) == {"backbone": full["paper"]}
+    configs = yaml.safe_load((ROOT / "grids" / "regimes.yaml").read_text())["configs"]
     assert weights(configs.pop("mars-hybrid-scarce")) == {stage[t]: scarce[t] for t in stage}
     reweighted = {n: weight_multiplier(n) for n in configs if weight_multiplier(n)[1] is not None}
     assert {name[len("mars-"):] for name, _ in reweighted.values()} == {t for t in stage if scarce[t] != full[t]}
