@@ -623,16 +623,18 @@ def write_report(root: str | Path, order: list[str] | None = None, panels: bool 
     runs.to_csv(out / "runs.csv", index=False)
     if len(comps): comps.to_csv(out / "comparisons.csv", index=False)
     else: (out / "comparisons.csv").unlink(missing_ok=True)          # none yet: no table left from an earlier report
-    extra = weights_section(root, figdir) if any("-x" in c for c in runs["config"]) else ""
+    reweighted = any(weight_multiplier(c)[1] is not None for c in runs["config"])     # a weight grid, perhaps
+    extra = weights_section(root, figdir, runs) if reweighted else ""
     write_readme(out, runs, table, list(figs), comps=comps, extra=extra, pending=pending)
     return table
 
 # %% ../nbs/08_report.ipynb #nf743c62
-def weight_curves(root: str | Path) -> pd.DataFrame:
+def weight_curves(root: str | Path, runs: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per finished run of a weight grid (configs named `<tap>-x<multiplier>`, plus controls): tap, weight,
-    multiplier, replicate, val mean IoU over angles, and the mean logged gradient share of its stages."""
+    multiplier, replicate, val mean IoU over angles, and the mean logged gradient share of its stages (`runs`:
+    `collect(root)`'s table, if already read)."""
     from mars_nb.runfolder import read_log  # noqa: PLC0415
-    runs, _ = collect(root)
+    runs = collect(root)[0] if runs is None else runs
     rows = []
     for r in runs.itertuples():
         tap, mult = weight_multiplier(r.config)                    # a control (e.g. rotaug) has no multiplier
@@ -684,10 +686,13 @@ def plot_weight_curves(curves: pd.DataFrame, chosen: pd.DataFrame | None = None)
     return fig
 
 # %% ../nbs/08_report.ipynb #n1875e87
-def weights_section(root: str | Path, figdir: Path) -> str:
-    "Markdown (and `weight_curves.png`) for a weight grid's report: the curves and the weights chosen on val; '' otherwise."
+def weights_section(root: str | Path, figdir: Path, runs: pd.DataFrame | None = None) -> str:
+    """Markdown (and `weight_curves.png`) for a weight grid's report — configurations `<tap>-x<multiplier>`, evaluated
+    on val: the curves and the weights chosen; '' otherwise. `runs`: `collect(root)`'s table, if already read."""
     import matplotlib.pyplot as plt  # noqa: PLC0415
-    curves = weight_curves(root)
+    runs = collect(root)[0] if runs is None else runs
+    if "split" in runs and (runs["split"] != "val").any(): return ""     # read on test: no log to open
+    curves = weight_curves(root, runs)
     if curves["multiplier"].isna().all() or (curves["split"] != "val").any():
         return ""
     best = choose_weights(curves)
