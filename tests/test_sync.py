@@ -56,7 +56,8 @@ def test_every_interval_the_readme_quotes_is_in_a_committed_report():
 def test_the_study_grids_use_the_weights_val_chose():
     """Every consistency weight in the study grids is the one `choose_weights` reads off a committed val grid: at full
     labels (reports/weights/) for every tap and control, at 10 % labels (reports/weights-l10/) for the taps the regime
-    study re-weights where labels are scarce — exactly those whose choice changed, named by the multiplier."""
+    study re-weights where labels are scarce — exactly those whose choice changed (on Lite0, some of them), named by the
+    multiplier."""
     import pandas as pd
     import yaml
     from mars_nb.report import choose_weights, weight_multiplier
@@ -69,16 +70,23 @@ def test_the_study_grids_use_the_weights_val_chose():
 
     stage = {"backbone": "backbone", "pixel": "pixel_decoder", "attention": "attention"}
     full, scarce = chosen("weights"), chosen("weights-l10")
-    for name in ("default", "regimes"):
-        configs = yaml.safe_load((ROOT / "grids" / f"{name}.yaml").read_text())["configs"]
-        for tap, key in stage.items(): assert weights(configs[f"mars-{tap}"]) == {key: full[tap]}, (name, tap)
+    grids = {n: yaml.safe_load((ROOT / "grids" / f"{n}.yaml").read_text())["configs"]
+             for n in ("default", "regimes", "regimes-lite0")}
+    for name, configs in grids.items():
+        for tap, key in stage.items():
+            if name != "regimes-lite0" or f"mars-{tap}" in configs:          # Lite0 runs fewer taps
+                assert weights(configs[f"mars-{tap}"]) == {key: full[tap]}, (name, tap)
         assert weights(configs["mars-hybrid"]) == {stage[t]: full[t] for t in stage}
         assert weights(configs["outcons"]) == {"output": full["output"]}
         if "mars-paper" in configs: assert weights(configs["mars-paper"]) == {"backbone": full["paper"]}
-    configs = yaml.safe_load((ROOT / "grids" / "regimes.yaml").read_text())["configs"]
+    configs = grids["regimes"]
     assert weights(configs.pop("mars-hybrid-scarce")) == {stage[t]: scarce[t] for t in stage}
+    changed = {t for t in stage if scarce[t] != full[t]}
     reweighted = {n: weight_multiplier(n) for n in configs if weight_multiplier(n)[1] is not None}
-    assert {name[len("mars-"):] for name, _ in reweighted.values()} == {t for t in stage if scarce[t] != full[t]}
-    for n, (name, mult) in reweighted.items():
+    assert {name[len("mars-"):] for name, _ in reweighted.values()} == changed
+    lite0 = {n: weight_multiplier(n) for n in grids["regimes-lite0"] if weight_multiplier(n)[1] is not None}
+    assert lite0 and {name[len("mars-"):] for name, _ in lite0.values()} <= changed
+    configs = {**configs, **grids["regimes-lite0"]}
+    for n, (name, mult) in {**reweighted, **lite0}.items():
         tap = name[len("mars-"):]
         assert weights(configs[n]) == {stage[tap]: scarce[tap]} and mult == round(scarce[tap] / full[tap]), n
