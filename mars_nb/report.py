@@ -15,9 +15,9 @@ import yaml
 from scipy import stats
 
 # %% auto #0
-__all__ = ['CONTROLS', 'SUMMARY_COLUMNS', 'MDE_FACTOR', 'ANGLE_SETS', 'REFERENCES', 'seen_angles', 'collect', 'weight_multiplier',
-           'config_order', 'config_colors', 'mean_ci', 'summary_table', 'class_iou_markdown', 'to_markdown',
-           'panel_grid', 'config_legend', 'plot_metric_vs_angle', 'plot_summary_bars', 'plot_replicates',
+__all__ = ['ANGLE_SETS', 'CONTROLS', 'SUMMARY_COLUMNS', 'MDE_FACTOR', 'REFERENCES', 'seen_angles', 'angle_set', 'collect',
+           'weight_multiplier', 'config_order', 'config_colors', 'mean_ci', 'summary_table', 'class_iou_markdown',
+           'to_markdown', 'panel_grid', 'config_legend', 'plot_metric_vs_angle', 'plot_summary_bars', 'plot_replicates',
            'collect_features', 'plot_feature_consistency', 'plot_training_curves', 'plot_attention_panels',
            'mean_fg_iou', 'tile_bootstrap', 'run_confusion', 'strongest_control', 'compare', 'comparisons',
            'regime_effects', 'plot_regime_map', 'paired_differences', 'verdict', 'reading', 'comparisons_markdown',
@@ -36,10 +36,26 @@ def seen_angles(run_dir: str | Path, angles) -> np.ndarray:
                      for a in np.asarray(angles, float)], dtype=bool)
 
 
+ANGLE_SETS = ("all", "seen", "unseen", "reversed")
+"""Subsets of the evaluation angles, per run: all of them; those it turned its training images to; those it did not;
+and `reversed`, the unseen angles a half-turn from seen ones — where a fixed light (the craters' sun, the trees'
+shadows) falls from the opposite side of anything trained on (135–225° for training within ±45°)."""
+
+
+def angle_set(run_dir: str | Path, angles, which: str) -> np.ndarray:
+    "Which evaluation `angles` belong to the run's angle set `which` (one of `ANGLE_SETS`)."
+    if which not in ANGLE_SETS: raise ValueError(f"angles {which!r} is not one of {ANGLE_SETS}")
+    angles = np.asarray(angles, float)
+    seen = seen_angles(run_dir, angles)
+    return {"all": np.ones_like(seen), "seen": seen, "unseen": ~seen,
+            "reversed": ~seen & seen_angles(run_dir, angles + 180)}[which]
+
+
 def collect(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(summary per run, sweep rows per run and angle) of every finished run under `root/runs`; runs trained on
-    some orientations only also get their mean foreground IoU over the orientations they saw and did not see (and
-    each sweep row says whether its angle was `seen`)."""
+    some orientations only also get their mean foreground IoU over each of the angle sets they have besides all
+    (`fg_iou_seen`, `fg_iou_unseen`, `fg_iou_reversed`; see `ANGLE_SETS`), and each sweep row says whether its angle
+    was `seen`."""
     runs, sweeps = [], []
     for done in sorted(Path(root).glob("runs/*/done.json")):
         d = json.loads(done.read_text())
@@ -47,8 +63,8 @@ def collect(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         key = {"run": d["name"], "config": d["config"], "dataset": d["dataset"], "seed": d["seed"]}
         sweep = pd.read_csv(done.parent / "sweep.csv")
         seen = seen_angles(done.parent, sweep["angle"])
-        split = {"fg_iou_seen": float(sweep["fg_iou"][seen].mean()), "fg_iou_unseen": float(sweep["fg_iou"][~seen].mean())
-                 } if not seen.all() else {}
+        masks = {} if seen.all() else {s: angle_set(done.parent, sweep["angle"], s) for s in ANGLE_SETS[1:]}
+        split = {f"fg_iou_{s}": float(sweep["fg_iou"][m].mean()) for s, m in masks.items() if m.any()}
         runs.append({**key, **{k: v for k, v in metrics.items() if k not in ("name", "dataset", "seed")}, **split,
                      "seconds": d.get("seconds")})
         sweeps.append(sweep.assign(**key, seen=seen))
@@ -97,6 +113,7 @@ def mean_ci(x, level: float = 0.95) -> tuple[float, float, int]:
 # %% ../nbs/08_report.ipynb #c008
 SUMMARY_COLUMNS = {"fg_iou_0": "IoU 0°", "fg_iou_mean": "IoU mean", "fg_iou_worst": "IoU worst",
                    "fg_iou_drop": "drop", "fg_iou_seen": "IoU seen", "fg_iou_unseen": "IoU unseen",
+                   "fg_iou_reversed": "IoU reversed",
                    "miou_mean": "mIoU mean", "consistency_mean": "consistency"}
 
 
@@ -375,15 +392,12 @@ def strongest_control(table: pd.DataFrame, dataset: str, metric: str = "fg_iou_m
     return None if t.empty else str(t.sort_values(metric)["config"].iloc[-1])
 
 
-ANGLE_SETS = ("all", "unseen")
-"Which evaluation angles a comparison averages over: all of them, or those neither run was trained on."
-
 
 def compare(root: str | Path, runs: pd.DataFrame, config: str, control: str, dataset: str, n: int = 2000,
             angles: str = "all") -> dict:
-    """`config` minus `control` on `dataset` in mean foreground IoU over `angles` ('all', or 'unseen' by both), paired
-    by replicate (seed or fold) and test tile: point difference, 95 % bootstrap interval, standard error, smallest
-    detectable effect, replicates."""
+    """`config` minus `control` on `dataset` in mean foreground IoU over `angles` (one of `ANGLE_SETS`, in that set
+    for both runs), paired by replicate (seed or fold) and test tile: point difference, 95 % bootstrap interval,
+    standard error, smallest detectable effect, replicates."""
     if angles not in ANGLE_SETS: raise ValueError(f"angles {angles!r} is not one of {ANGLE_SETS}")
     root = Path(root)
     d = runs[runs["dataset"] == dataset]
@@ -394,9 +408,9 @@ def compare(root: str | Path, runs: pd.DataFrame, config: str, control: str, dat
     nothing = {"diff": float("nan"), "lo": float("nan"), "hi": float("nan"), "se": float("nan"), "mde": float("nan")}
     if not seeds or any(x is None for x in ca + cb): return {**row, **nothing}
     ca, cb = np.stack(ca), np.stack(cb)
-    if angles == "unseen":
+    if angles != "all":
         at = np.load(root / "runs" / a[seeds[0]] / "tiles.npz")["angles"]
-        keep = ~(seen_angles(root / "runs" / a[seeds[0]], at) | seen_angles(root / "runs" / b[seeds[0]], at))
+        keep = angle_set(root / "runs" / a[seeds[0]], at, angles) & angle_set(root / "runs" / b[seeds[0]], at, angles)
         if not keep.any(): return {**row, **nothing}
         ca, cb = ca[:, keep], cb[:, keep]
     boot = tile_bootstrap(ca, cb, shared_tiles=_shares_tiles(root, a[seeds[0]]), n=n)
@@ -414,13 +428,13 @@ with the unlabelled crops after training; `mars-off`, a MARS run with the consis
 def comparisons(root: str | Path, runs: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
     """Every configuration against each of `REFERENCES` its dataset has and against the strongest control of its
     dataset (see `compare`), over all angles and, where the runs were trained on some orientations only, over the
-    unseen ones too."""
+    unseen and the reversed ones too (`ANGLE_SETS`)."""
     rows = []
     for dataset in dict.fromkeys(runs["dataset"]):
         strong = strongest_control(table, dataset)
         here = set(runs[runs["dataset"] == dataset]["config"])
         d = runs[(runs["dataset"] == dataset) & (runs["config"] != "none")]
-        sets = ANGLE_SETS if "fg_iou_unseen" in d and d["fg_iou_unseen"].notna().any() else ("all",)
+        sets = ["all"] + [s for s in ("unseen", "reversed") if f"fg_iou_{s}" in d and d[f"fg_iou_{s}"].notna().any()]
         for config in config_order(here):
             for control in dict.fromkeys(c for c in (*REFERENCES, strong) if c in here and c != config):
                 rows += [compare(root, runs, config, control, dataset, angles=s) for s in sets]
@@ -506,7 +520,9 @@ def reading(runs: pd.DataFrame, table: pd.DataFrame, comps: pd.DataFrame | None 
         if len(c) and c["lo"].notna().any():
             if "angles" not in c: c = c.assign(angles="all")
             for (control, angles), g in c.groupby(["control", "angles"], sort=False):
-                over = "over angles" if angles == "all" else "over the angles no run was trained on"
+                over = {"all": "over angles", "seen": "over the angles both runs were trained on",
+                        "unseen": "over the angles no run was trained on",
+                        "reversed": "over the unseen angles a half-turn from trained ones (the light reversed)"}[angles]
                 lines.append(f"Mean IoU {over} minus `{control}` (paired by replicate and test tile, 95 % bootstrap "
                              "interval, smallest detectable effect):")
                 lines += [f"- `{r.config}`: {verdict(r.diff, r.lo, r.hi, r.n, r.mde)}" for r in g.itertuples()]

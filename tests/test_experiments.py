@@ -173,8 +173,8 @@ def test_comparisons_read_each_config_against_rotaug_and_the_strongest_control(t
 def test_a_regime_trained_on_some_angles_is_read_on_the_angles_it_never_saw(tmp_path):
     import numpy as np
     import pandas as pd
-    from mars_nb.report import (collect, comparisons, plot_metric_vs_angle, regime_effects, seen_angles, summary_table,
-                                 write_report)
+    from mars_nb.report import (angle_set, collect, comparisons, plot_metric_vs_angle, regime_effects, seen_angles,
+                                 summary_table, write_report)
     from mars_nb.config import AnglePolicy, TrainConfig
     angles = (0.0, 30.0, 90.0, 180.0, 270.0, 330.0)
     limited = TrainConfig(mode="rotaug", angles=AnglePolicy("range", [-45.0, 45.0]))
@@ -184,6 +184,8 @@ def test_a_regime_trained_on_some_angles_is_read_on_the_angles_it_never_saw(tmp_
                train=TrainConfig(mode="rotaug", angles=AnglePolicy("range", [0.0, 360.0])))
     run = root / "runs" / "craters-unseen-rotaug-s0"
     np.testing.assert_array_equal(seen_angles(run, angles), [True, True, False, False, False, True])   # -45..45 mod 360
+    np.testing.assert_array_equal(angle_set(run, angles, "reversed"), [False, False, False, True, False, False])  # 135..225
+    with pytest.raises(ValueError, match="not one of"): angle_set(run, angles, "upright")
     runs, sweeps = collect(root)
     fig = plot_metric_vs_angle(sweeps)
     shaded = {ax.get_title(): [p.get_x() + p.get_width() / 2 for p in ax.patches] for ax in fig.axes if ax.get_title()}
@@ -191,10 +193,14 @@ def test_a_regime_trained_on_some_angles_is_read_on_the_angles_it_never_saw(tmp_
     u = runs[runs["dataset"] == "craters-unseen"]
     sw = pd.read_csv(run / "sweep.csv")
     assert u.set_index("run").loc["craters-unseen-rotaug-s0", "fg_iou_unseen"] == sw["fg_iou"][[2, 3, 4]].mean()
+    assert u.set_index("run").loc["craters-unseen-rotaug-s0", "fg_iou_reversed"] == sw["fg_iou"][3]          # 180° only
     assert runs[runs["dataset"] == "craters-full"]["fg_iou_unseen"].isna().all(), "seen everything: no split"
     table = summary_table(runs)
     comps = comparisons(root, runs, table)
-    assert set(comps[comps["dataset"] == "craters-unseen"]["angles"]) == {"all", "unseen"}
+    assert set(comps[comps["dataset"] == "craters-unseen"]["angles"]) == {"all", "unseen", "reversed"}
+    at180 = comps[(comps["dataset"] == "craters-unseen") & (comps["angles"] == "reversed")].iloc[0]
+    assert at180["diff"] == pytest.approx(                                  # the paired difference at 180° alone
+        u[u["config"] == at180["config"]]["fg_iou_reversed"].mean() - u[u["config"] == at180["control"]]["fg_iou_reversed"].mean())
     assert set(comps[comps["dataset"] == "craters-full"]["angles"]) == {"all"}
     eff = regime_effects(comps, table).set_index("dataset")
     assert eff.loc["craters-unseen", "angles"] == "unseen" and eff.loc["craters-unseen", "control"] == "outcons"
@@ -208,6 +214,7 @@ def test_a_regime_trained_on_some_angles_is_read_on_the_angles_it_never_saw(tmp_
     assert rot.loc["craters-full", "lo"] < 0 < rot.loc["craters-unseen", "lo"]         # mars-x: -6 there, +15 here
     assert readme.index("regime_map.png") < readme.index("regime_map_consistency.png") < readme.index("## Summary")
     assert "IoU unseen" in readme and "over the angles no run was trained on" in readme and "| unseen |" in readme
+    assert "IoU reversed" in readme and "a half-turn from trained ones" in readme and "| reversed |" in readme
 
 
 def test_explore_finds_the_repository_from_anywhere_and_says_how_to_get_weights(tmp_path):
