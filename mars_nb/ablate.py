@@ -214,6 +214,20 @@ def _while(work, tick, every: float = 2.0):
     if failure: raise failure[0]
 
 
+class _Clock:
+    """The time spent on a run over all its attempts: this one's, plus what the file `path` says the killed ones spent
+    (saved on every tick, so a killed attempt loses at most one tick). `attempt`: 1 for the first."""
+    def __init__(self, path: Path):
+        self.path, self.t0 = path, time.time()
+        try: before = json.loads(path.read_text())
+        except (OSError, ValueError): before = {"seconds": 0.0, "attempts": 0}
+        self.before, self.attempt = float(before["seconds"]), int(before["attempts"]) + 1
+
+    def seconds(self) -> float: return self.before + time.time() - self.t0
+
+    def save(self): _write_json(self.path, {"seconds": self.seconds(), "attempts": self.attempt})
+
+
 def run_grid(runs: list[Run], execute=execute, progress: bool = True) -> dict:
     "Run every unfinished run; returns {'ran': [...], 'skipped': [...], 'failed': {name: error}}."
     from tqdm.auto import tqdm  # noqa: PLC0415
@@ -231,13 +245,18 @@ def run_grid(runs: list[Run], execute=execute, progress: bool = True) -> dict:
             continue
         lock = FolderLock(run.out_dir / ".lock")
         if not lock.acquire(): summary["skipped"].append(run.name); continue     # another live runner has it
-        t0 = time.time()
+        clock = _Clock(run.out_dir / ".seconds")
         try:
             if is_done(run): summary["skipped"].append(run.name); continue       # finished by it meanwhile
             (run.out_dir / "error.txt").unlink(missing_ok=True)
-            _while(lambda: execute(run), lambda: bar.set_postfix_str(f"{run.name} {run_step(run)}".strip()) if progress else None)
+            def tick(run=run, clock=clock):
+                clock.save()
+                if progress: bar.set_postfix_str(f"{run.name} {run_step(run)}".strip())
+            _while(lambda: execute(run), tick)
             _write_json(run.out_dir / "done.json", {"name": run.name, "config": run.config, "dataset": run.dataset,
-                                                    "seed": run.seed, "seconds": time.time() - t0, "params": run.params})
+                                                    "seed": run.seed, "seconds": clock.seconds(), "attempts": clock.attempt,
+                                                    "params": run.params})
+            clock.path.unlink(missing_ok=True)
             summary["ran"].append(run.name)
         except Exception as e:  # noqa: BLE001  (a failing run is recorded; the others go on)
             (run.out_dir / "error.txt").write_text("".join(traceback.format_exception(e)))

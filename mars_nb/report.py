@@ -16,13 +16,13 @@ from scipy import stats
 
 # %% auto #0
 __all__ = ['ANGLE_SETS', 'CONTROLS', 'SUMMARY_COLUMNS', 'MDE_FACTOR', 'REFERENCES', 'seen_angles', 'angle_set', 'collect',
-           'weight_multiplier', 'config_order', 'config_colors', 'mean_ci', 'summary_table', 'class_iou_markdown',
-           'to_markdown', 'panel_grid', 'config_legend', 'plot_metric_vs_angle', 'plot_summary_bars', 'plot_replicates',
-           'collect_features', 'plot_feature_consistency', 'plot_training_curves', 'plot_attention_panels',
-           'mean_fg_iou', 'tile_bootstrap', 'run_confusion', 'strongest_control', 'compare', 'comparisons',
-           'regime_effects', 'plot_regime_map', 'paired_differences', 'verdict', 'reading', 'comparisons_markdown',
-           'unfinished', 'progress_note', 'write_readme', 'write_report', 'weight_curves', 'choose_weights',
-           'plot_weight_curves', 'weights_section']
+           'run_hours', 'weight_multiplier', 'config_order', 'config_colors', 'mean_ci', 'summary_table',
+           'class_iou_markdown', 'to_markdown', 'panel_grid', 'config_legend', 'plot_metric_vs_angle',
+           'plot_summary_bars', 'plot_replicates', 'collect_features', 'plot_feature_consistency',
+           'plot_training_curves', 'plot_attention_panels', 'mean_fg_iou', 'tile_bootstrap', 'run_confusion',
+           'strongest_control', 'compare', 'comparisons', 'regime_effects', 'plot_regime_map', 'paired_differences',
+           'verdict', 'reading', 'comparisons_markdown', 'unfinished', 'progress_note', 'compute_note', 'write_readme',
+           'write_report', 'weight_curves', 'choose_weights', 'plot_weight_curves', 'weights_section']
 
 # %% ../nbs/08_report.ipynb #c005
 def seen_angles(run_dir: str | Path, angles) -> np.ndarray:
@@ -65,11 +65,28 @@ def collect(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         seen = seen_angles(done.parent, sweep["angle"])
         masks = {} if seen.all() else {s: angle_set(done.parent, sweep["angle"], s) for s in ANGLE_SETS[1:]}
         split = {f"fg_iou_{s}": float(sweep["fg_iou"][m].mean()) for s, m in masks.items() if m.any()}
+        timed = "attempts" in d or len(list(done.parent.glob("logs/attempt*"))) <= 1   # else: its last attempt only
         runs.append({**key, **{k: v for k, v in metrics.items() if k not in ("name", "dataset", "seed")}, **split,
-                     "seconds": d.get("seconds")})
+                     "seconds": d.get("seconds"), "timed": timed})
         sweeps.append(sweep.assign(**key, seen=seen))
     if not runs: raise FileNotFoundError(f"no finished runs (runs/*/done.json) under {root}")
     return pd.DataFrame(runs), pd.concat(sweeps, ignore_index=True)
+
+
+def run_hours(runs: pd.DataFrame) -> tuple[float, int]:
+    """(hours, estimated): the wall-clock time the runs of `collect` took, summed over runs and attempts. A run resumed
+    before the grid timed every attempt (`timed` false) recorded its last attempt only: it counts at the median of
+    the timed runs of its dataset and configuration (else of its configuration); `estimated` counts them."""
+    timed = runs[runs["timed"] & runs["seconds"].notna()]
+    typical = {**timed.groupby("config")["seconds"].median(),
+               **timed.groupby(["dataset", "config"])["seconds"].median()}
+    seconds, estimated = 0.0, 0
+    for r in runs.itertuples():
+        if r.timed and pd.notna(r.seconds): seconds += r.seconds; continue
+        guess = typical.get((r.dataset, r.config), typical.get(r.config))
+        seconds += guess if guess is not None else (r.seconds if pd.notna(r.seconds) else 0.0)
+        estimated += 1
+    return seconds / 3600, estimated
 
 
 CONTROLS = ("none", "rotaug", "rotaug-any", "rotaug-bn", "mars-off", "outcons", "pseudo")
@@ -561,6 +578,15 @@ def progress_note(pending: dict[str, tuple[int, int]]) -> str:
             "strongest control picked among some controls, or a configuration on some folds only, would mislead.\n")
 
 
+def compute_note(runs: pd.DataFrame) -> str:
+    "What the runs cost, in a sentence for the report (see `run_hours`; nothing if no run was timed)."
+    if "seconds" not in runs or runs["seconds"].isna().all(): return ""
+    hours, estimated = run_hours(runs)
+    some = f"; {estimated} runs resumed before every attempt was timed counted at their configuration's median" \
+        if estimated else ""
+    return f" Compute: {hours:.1f} run-hours (each run's wall clock over its attempts, summed{some})."
+
+
 def write_readme(root: Path, runs: pd.DataFrame, table: pd.DataFrame, figures: list[str], extra: str = "",
                  comps: pd.DataFrame | None = None, pending: dict[str, tuple[int, int]] | None = None):
     """reports/README.md: the table, the comparisons, the reading and every figure (`pending`: regimes still running,
@@ -574,7 +600,8 @@ def write_readme(root: Path, runs: pd.DataFrame, table: pd.DataFrame, figures: l
             f"{runs['dataset'].nunique()} datasets × replicates {seeds} (seeds; with spatial cross-validation the seed "
             "also picks the fold). Summary: mean ± 95% confidence interval over replicates (Student t). IoU is the "
             f"foreground IoU — the mean IoU of the non-background classes ({'; '.join(classes) or 'all but background'}) "
-            f"— on held-out {' and '.join(splits) or 'test'} tiles.\n", *filter(None, [progress_note(pending or {})]),
+            f"— on held-out {' and '.join(splits) or 'test'} tiles.{compute_note(runs)}\n",
+            *filter(None, [progress_note(pending or {})]),
             "![foreground IoU vs angle](figures/iou_vs_angle.png)\n", *[f"![{f}](figures/{f})\n" for f in maps],
             "## Summary\n", to_markdown(table)]
     per_class = class_iou_markdown(runs, list(dict.fromkeys(table["config"])))
