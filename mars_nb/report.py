@@ -409,7 +409,6 @@ def strongest_control(table: pd.DataFrame, dataset: str, metric: str = "fg_iou_m
     return None if t.empty else str(t.sort_values(metric)["config"].iloc[-1])
 
 
-
 def compare(root: str | Path, runs: pd.DataFrame, config: str, control: str, dataset: str, n: int = 2000,
             angles: str = "all") -> dict:
     """`config` minus `control` on `dataset` in mean foreground IoU over `angles` (one of `ANGLE_SETS`, in that set
