@@ -20,9 +20,10 @@ __all__ = ['ANGLE_SETS', 'CONTROLS', 'SUMMARY_COLUMNS', 'MDE_FACTOR', 'REFERENCE
            'class_iou_markdown', 'to_markdown', 'panel_grid', 'config_legend', 'plot_metric_vs_angle',
            'plot_summary_bars', 'plot_replicates', 'collect_features', 'plot_feature_consistency',
            'plot_training_curves', 'plot_attention_panels', 'mean_fg_iou', 'tile_bootstrap', 'run_confusion',
-           'strongest_control', 'compare', 'comparisons', 'regime_effects', 'plot_regime_map', 'paired_differences',
-           'verdict', 'reading', 'comparisons_markdown', 'unfinished', 'progress_note', 'compute_note', 'write_readme',
-           'write_report', 'weight_curves', 'choose_weights', 'plot_weight_curves', 'weights_section']
+           'strongest_control', 'compare', 'comparisons', 'regime_effects', 'plot_regime_map', 'regime_map_markdown',
+           'paired_differences', 'verdict', 'reading', 'comparisons_markdown', 'unfinished', 'progress_note',
+           'compute_note', 'write_readme', 'write_report', 'weight_curves', 'choose_weights', 'plot_weight_curves',
+           'weights_section']
 
 # %% ../nbs/08_report.ipynb #c005
 def seen_angles(run_dir: str | Path, angles) -> np.ndarray:
@@ -498,6 +499,19 @@ def plot_regime_map(effects: pd.DataFrame, order: list[str] | None = None,
     fig.tight_layout()
     return fig
 
+
+def regime_map_markdown(effects: pd.DataFrame, order: list[str] | None = None) -> str:
+    """The regime map in numbers: a row per configuration, a column per regime (and the control it is read
+    against), each cell Δ [95 % interval] and the detectable effect; Δ in bold where the interval excludes zero."""
+    regimes = list(dict.fromkeys(effects["dataset"]))
+    configs = [c for c in (order or config_order(effects["config"])) if c in set(effects["config"])]
+    first = effects.drop_duplicates("dataset").set_index("dataset")
+    cell = {(r.config, r.dataset): (f"**{r.diff:+.3f}**" if r.lo > 0 or r.hi < 0 else f"{r.diff:+.3f}")
+            + f" [{r.lo:+.3f}, {r.hi:+.3f}] ≥ {r.mde:.3f}" for r in effects.itertuples()}
+    head = [f"{d} − {first.control[d]}" + (" (unseen angles)" if first.angles[d] == "unseen" else "") for d in regimes]
+    return "\n".join(["| config | " + " | ".join(head) + " |", "|---" * (len(regimes) + 1) + "|",
+                      *(f"| {c} | " + " | ".join(cell.get((c, d), "–") for d in regimes) + " |" for c in configs)]) + "\n"
+
 # %% ../nbs/08_report.ipynb #c016
 def paired_differences(runs: pd.DataFrame, metric: str = "fg_iou_mean", control: str = "rotaug") -> pd.DataFrame:
     "Per dataset and config: mean and 95% CI of `metric` − the control's `metric`, paired by seed (Student t)."
@@ -587,9 +601,10 @@ def compute_note(runs: pd.DataFrame) -> str:
 
 
 def write_readme(root: Path, runs: pd.DataFrame, table: pd.DataFrame, figures: list[str], extra: str = "",
-                 comps: pd.DataFrame | None = None, pending: dict[str, tuple[int, int]] | None = None):
+                 comps: pd.DataFrame | None = None, pending: dict[str, tuple[int, int]] | None = None,
+                 numbers: dict[str, str] | None = None):
     """reports/README.md: the table, the comparisons, the reading and every figure (`pending`: regimes still running,
-    said first and left out of the reading)."""
+    said first and left out of the reading; `numbers`: a figure's table, written below it)."""
     whole = ~table["dataset"].isin(list(pending or {}))
     splits = sorted(set(runs["split"].dropna())) if "split" in runs else []       # runs evaluated on val say so
     maps = [f for f in ("regime_map.png", "regime_map_consistency.png") if f in figures]   # the answer comes first
@@ -601,7 +616,8 @@ def write_readme(root: Path, runs: pd.DataFrame, table: pd.DataFrame, figures: l
             f"foreground IoU — the mean IoU of the non-background classes ({'; '.join(classes) or 'all but background'}) "
             f"— on held-out {' and '.join(splits) or 'test'} tiles.{compute_note(runs)}\n",
             *filter(None, [progress_note(pending or {})]),
-            "![foreground IoU vs angle](figures/iou_vs_angle.png)\n", *[f"![{f}](figures/{f})\n" for f in maps],
+            "![foreground IoU vs angle](figures/iou_vs_angle.png)\n",
+            *[f"![{f}](figures/{f})\n\n{(numbers or {}).get(f, '')}" for f in maps],
             "## Summary\n", to_markdown(table)]
     per_class = class_iou_markdown(runs, list(dict.fromkeys(table["config"])))
     if per_class:
@@ -652,11 +668,13 @@ def write_report(root: str | Path, order: list[str] | None = None, panels: bool 
     whole = runs[~runs["dataset"].isin(list(pending))]
     comps = comparisons(root, whole, table) if len(whole) else pd.DataFrame()
     comps = comps.dropna(subset=["lo"]) if len(comps) else comps      # runs without per-tile counts: no bootstrap
+    numbers = {}
     for name, control, title in (("regime_map.png", (), "Where does a tap beat the strongest control?"),
                                  ("regime_map_consistency.png", ("mars-off", "rotaug"),
                                   "What does the consistency term add (vs mars-off; rotaug where no unlabelled crops)?")):
         effects = by_rank(regime_effects(comps, table, control)) if len(comps) else comps
-        if len(effects): figs[name] = plot_regime_map(effects, order, title)
+        if len(effects):
+            figs[name], numbers[name] = plot_regime_map(effects, order, title), regime_map_markdown(effects, order)
         else: (figdir / name).unlink(missing_ok=True)               # no whole regime yet: no map left from before
     for name, fig in figs.items():
         fig.savefig(figdir / name, dpi=120, bbox_inches="tight"); plt.close(fig)
@@ -667,7 +685,7 @@ def write_report(root: str | Path, order: list[str] | None = None, panels: bool 
     else: (out / "comparisons.csv").unlink(missing_ok=True)          # none yet: no table left from an earlier report
     reweighted = any(weight_multiplier(c)[1] is not None for c in runs["config"])     # a weight grid, perhaps
     extra = weights_section(root, figdir, runs) if reweighted else ""
-    write_readme(out, runs, table, list(figs), comps=comps, extra=extra, pending=pending)
+    write_readme(out, runs, table, list(figs), comps=comps, extra=extra, pending=pending, numbers=numbers)
     return table
 
 # %% ../nbs/08_report.ipynb #nf743c62

@@ -215,6 +215,13 @@ def test_a_regime_trained_on_some_angles_is_read_on_the_angles_it_never_saw(tmp_
     assert readme.index("regime_map.png") < readme.index("regime_map_consistency.png") < readme.index("## Summary")
     assert "IoU unseen" in readme and "over the angles no run was trained on" in readme and "| unseen |" in readme
     assert "IoU reversed" in readme and "a half-turn from trained ones" in readme and "| reversed |" in readme
+    lines = readme.splitlines()                      # each map's numbers below its figure, a column per regime
+    at = lines.index("| config | craters-full − rotaug-any | craters-unseen − outcons (unseen angles) |")
+    assert lines.index("![regime_map.png](figures/regime_map.png)") == at - 2
+    f, u = (eff.loc[d] for d in ("craters-full", "craters-unseen"))
+    assert lines[at + 2] == (f"| mars-x | **{f['diff']:+.3f}** [{f['lo']:+.3f}, {f['hi']:+.3f}] ≥ {f['mde']:.3f} | "
+                             f"**{u['diff']:+.3f}** [{u['lo']:+.3f}, {u['hi']:+.3f}] ≥ {u['mde']:.3f} |")
+    assert "| config | craters-full − rotaug | craters-unseen − rotaug (unseen angles) |" in lines     # the second map
 
 
 def test_explore_finds_the_repository_from_anywhere_and_says_how_to_get_weights(tmp_path):
