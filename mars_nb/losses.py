@@ -26,9 +26,10 @@ from .views import align_attention, crop_extent, match_queries, warp_back
 # %% auto #0
 __all__ = ['STAGE_KINDS', 'DISTANCES', 'DEFAULT_STAGES', 'PRESETS', 'PRESET_NAMES', 'GRADIENT_MODES', 'MATCHING_MODES',
            'TOP_DEFAULTS', 'Distance', 'distance', 'get_distance', 'cosine_map', 'cosine_distance', 'mse_distance',
-           'smooth_l1_distance', 'feature_distance', 'infonce_distance', 'attention_js', 'attention_kl',
-           'attention_mse', 'attention_distance', 'output_js', 'output_kl', 'output_pseudo_label', 'MarsPooled',
-           'block_rows', 'stage_distances', 'mars_preset', 'StageSpec', 'resolve_config', 'MarsLoss', 'gradient_shares']
+           'smooth_l1_distance', 'feature_distance', 'centred_cosine_distance', 'infonce_distance', 'attention_js',
+           'attention_kl', 'attention_mse', 'attention_distance', 'output_js', 'output_kl', 'output_pseudo_label',
+           'MarsPooled', 'block_rows', 'stage_distances', 'mars_preset', 'StageSpec', 'resolve_config', 'MarsLoss',
+           'gradient_shares']
 
 # %% ../nbs/04_losses.ipynb #c005
 def _pixel_weights(valid: Tensor | None, like: Tensor) -> Tensor:
@@ -165,6 +166,24 @@ def smooth_l1_distance(f1: Tensor, f2: Tensor, valid: Tensor | None = None,
 def feature_distance(f1: Tensor, f2: Tensor, valid: Tensor | None = None, kind: str = "cosine", **options) -> Tensor:
     "Any registered feature distance by name (`cosine`, `mse`, `smooth_l1`, `infonce`) between aligned maps."
     return get_distance(kind, "feature").fn(f1, f2, valid, **options)
+
+# %% ../nbs/04_losses.ipynb #nb9d1db6
+def _centred(f: Tensor, weights: Tensor) -> Tensor:
+    "`f` [B,C,h,w] less each sample's per-channel mean over the pixels of weight 1 in `weights` [B,h,w]."
+    w = torch.where(weights > 0, weights, 0.0)[:, None]
+    mean = (torch.where(w > 0, f, 0.0) * w).sum((2, 3), keepdim=True) / w.sum((2, 3), keepdim=True).clamp_min(1.0)
+    return f - mean
+
+
+@distance("feature", "cosine_centred")
+def centred_cosine_distance(f1: Tensor, f2: Tensor, valid: Tensor | None = None,
+                            eps: float = 1e-8,  # norms below this are clamped (zero vectors score 1)
+                            ) -> Tensor:
+    """`cosine` between aligned maps `f1, f2` [B,C,h,w] after each map's per-channel mean over the valid pixels is
+    taken out (per sample): a component shared by every pixel cannot make the views agree."""
+    _check_pair(f1, f2, "cosine_centred", (4,))
+    weights = _pixel_weights(valid, f1)
+    return _masked_mean(1.0 - cosine_map(_centred(f1, weights), _centred(f2, weights), eps), weights)
 
 # %% ../nbs/04_losses.ipynb #c011
 @distance("feature")

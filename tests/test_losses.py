@@ -117,8 +117,8 @@ def test_registry_contents_and_stage_kinds():
     assert STAGE_KINDS == {"backbone": "feature", "pixel_decoder": "feature", "attention": "attention", "output": "output"}
     assert set(STAGE_KINDS) == set(STAGES)
     assert {s: stage_distances(s) for s in STAGES} == {
-        "backbone": ("cosine", "mse", "smooth_l1", "infonce", "mars_pooled"),
-        "pixel_decoder": ("cosine", "mse", "smooth_l1", "infonce", "mars_pooled"),
+        "backbone": ("cosine", "mse", "smooth_l1", "cosine_centred", "infonce", "mars_pooled"),
+        "pixel_decoder": ("cosine", "mse", "smooth_l1", "cosine_centred", "infonce", "mars_pooled"),
         "attention": ("js", "kl", "mse"), "output": ("js", "kl", "pseudo_label")}
     for kind, table in DISTANCES.items():
         for name, d in table.items():
@@ -370,7 +370,7 @@ def aligned_pair(net, x, angle, margin=1):
 
 
 @pytest.mark.parametrize("angle", [90, 30])
-@pytest.mark.parametrize("kind", ["cosine", "mse", "smooth_l1", "infonce", "mars_pooled"])
+@pytest.mark.parametrize("kind", ["cosine", "mse", "smooth_l1", "cosine_centred", "infonce", "mars_pooled"])
 def test_equivariant_net_scores_near_zero(kind, angle):
     x = smooth_images()
     torch.manual_seed(0)
@@ -735,7 +735,7 @@ def test_config_round_trip_and_overrides():
     ({"stages": {"backbone": {"weight": -1}}}, ["-1", ">= 0"]),
     ({"stages": {"backbone": {"weight": "0.1"}}}, ["'0.1'", "number"]),
     ({"stages": {"backbone": {"weight": float("nan")}}}, ["nan"]),
-    ({"stages": {"backbone": {"distance": "js"}}}, ["'js'", "backbone", "cosine, mse, smooth_l1, infonce, mars_pooled"]),
+    ({"stages": {"backbone": {"distance": "js"}}}, ["'js'", "backbone", "cosine, mse, smooth_l1, cosine_centred, infonce, mars_pooled"]),
     ({"stages": {"attention": {"distance": "cosine"}}}, ["'cosine'", "attention", "js, kl, mse"]),
     ({"stages": {"attention": {"distance": "mars_pooled"}}}, ["mars_pooled", "js, kl, mse"]),
     ({"stages": {"output": {"distance": "mse"}}}, ["'mse'", "output", "valid: js, kl"]),
@@ -760,7 +760,7 @@ def test_bad_arguments_and_inputs():
         MarsLoss(gradient="both")
     with pytest.raises(ValueError, match="index, hungarian"):
         MarsLoss(matching="soft")
-    with pytest.raises(ValueError, match="cosine, mse, smooth_l1, infonce"):
+    with pytest.raises(ValueError, match="cosine, mse, smooth_l1, cosine_centred, infonce"):
         feature_distance(torch.zeros(1, 2, 3, 3), torch.zeros(1, 2, 3, 3), kind="l1")
     with pytest.raises(ValueError, match="js, kl, mse"):
         attention_distance(torch.zeros(1, 2, 3, 3), torch.zeros(1, 2, 3, 3), kind="cosine")

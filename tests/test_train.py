@@ -276,7 +276,7 @@ def test_two_process_ddp_on_cpu(tmp_path):
     ({"mars": {"stages": {"backbone": {"weight": "0.1"}}}}, ["mars:", "got '0.1'"]),
     ({"mars": {"stages": {"backbone": {"weight": float("nan")}}}}, ["mars:", "got nan"]),
     ({"mars": {"stages": {"attention": {"distance": "cosine"}}}}, ["'cosine'", "js, kl, mse"]),
-    ({"mars": {"stages": {"backbone": {"distance": "l1"}}}}, ["'l1'", "cosine, mse, smooth_l1, infonce, mars_pooled"]),
+    ({"mars": {"stages": {"backbone": {"distance": "l1"}}}}, ["'l1'", "cosine, mse, smooth_l1, cosine_centred, infonce, mars_pooled"]),
     ({"mars": {"stages": {"backbone": {"taps": ["res9"]}}}}, ["res9", "res2, res3, res4, res5"]),
     ({"mars": {"stages": {"decoder": {}}}}, ["'decoder'", "backbone, pixel_decoder, attention"]),
     ({"train": {"mode": "none", "view1_angles": {"kind": "range", "values": [0, 360]}}},
