@@ -145,7 +145,7 @@ def plot_sweep(df: pd.DataFrame, ax=None, label: str | None = None, metric: str 
     return ax
 
 # %% ../nbs/06_evaluate.ipynb #c017
-from .losses import cosine_map
+from .losses import centred_cosine_distance, cosine_map
 from .taps import Taps, split_views, stage_taps
 from .views import align_attention, crop_extent, warp_back
 
@@ -185,7 +185,10 @@ def _js(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
 
 def feature_consistency(model, ds, angles=tuple(range(0, 360, 15)), n_tiles: int = 8, split: str = "test",
                         tile_size: int = 128, stages=("backbone", "pixel_decoder", "attention"), progress: bool = True) -> pd.DataFrame:
-    "Per angle and tap: mean cosine of aligned features (attention: 1 − JS of aligned rows) on `n_tiles` test tiles."
+    """Per angle and tap: mean cosine of aligned features (attention: 1 − JS of aligned rows) on `n_tiles` test tiles;
+    for feature taps also the centred cosine (`losses.cosine_centred`: without a component every pixel shares) and
+    `mean_share`, the share of the upright map's energy on its valid pixels that lies in its spatial mean — near 1,
+    the plain cosine says little."""
     specs = ds.test_tiles(split, tile_size)[:n_tiles]
     device = next(model.parameters()).device
     up = ds.tiles(specs, 0.0)["image"].to(device)
@@ -199,7 +202,12 @@ def feature_consistency(model, ds, angles=tuple(range(0, 360, 15)), n_tiles: int
             else:
                 cos = cosine_map(m1.float(), m2.float())   # [B, h, w]
                 score = cos[:, valid].mean()
-            rows.append({"angle": a, "tap": name, "stage": name.split(".")[0], "consistency": float(score)})
+                f = m1.float()[:, :, valid]                # [B, C, n]
+                share = f.mean(-1).pow(2).sum(1) / f.pow(2).sum(1).mean(-1).clamp_min(1e-12)
+                extra = {"consistency_centred": 1 - float(centred_cosine_distance(m1.float(), m2.float(), valid)),
+                         "mean_share": float(share.mean())}
+            rows.append({"angle": a, "tap": name, "stage": name.split(".")[0], "consistency": float(score),
+                         **({} if name.startswith("attention.") else extra)})
     return pd.DataFrame(rows)
 
 # %% ../nbs/06_evaluate.ipynb #c019

@@ -95,6 +95,28 @@ def test_feature_consistency_is_one_at_zero_and_below_elsewhere():
     at0, at45 = fc[fc.angle == 0], fc[fc.angle == 45]
     assert set(fc.stage) == {"backbone", "pixel_decoder", "attention"}
     assert (at0.consistency > 0.9999).all() and (at45.consistency < 0.9999).all()
+    feat = fc[fc.stage != "attention"]
+    assert (feat[feat.angle == 0].consistency_centred > 0.9999).all() and fc[fc.stage == "attention"].mean_share.isna().all()
+    assert ((feat.mean_share > 0) & (feat.mean_share < 1)).all()
+
+
+def test_the_shared_component_of_a_map_is_measured_and_left_out(monkeypatch):
+    "A map plus a large vector shared by every pixel: the cosine near 1, the centred cosine and the share as by hand."
+    import mars_nb.evaluate as ev
+    torch.manual_seed(0)
+    m1, m2 = torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 6)
+    valid = torch.zeros(6, 6, dtype=torch.bool); valid[1:5, 1:5] = True
+    shared = 30 * torch.randn(1, 4, 1, 1)
+    monkeypatch.setattr(ev, "aligned_stage_maps", lambda *a, **k: {"pixel_decoder.ms0": (m1 + shared, m2 + shared, valid)})
+    ds = type("DS", (), {"test_tiles": lambda self, split, size: [0, 1],
+                         "tiles": lambda self, specs, angle: {"image": torch.zeros(2, 1, 8, 8)}})()
+    row = ev.feature_consistency(torch.nn.Linear(1, 1), ds, [90], progress=False).iloc[0]
+    a, b = (m[:, :, 1:5, 1:5].flatten(2) for m in (m1 + shared, m2 + shared))         # [B, C, 16]
+    ca, cb = a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True)
+    centred = torch.nn.functional.cosine_similarity(ca, cb, dim=1).mean()
+    share = torch.stack([a[i].mean(-1).pow(2).sum() / a[i].pow(2).sum(0).mean() for i in range(2)]).mean()
+    assert row.consistency > 0.99 and abs(row.consistency_centred - float(centred)) < 1e-5 and abs(centred) < 0.5
+    assert abs(row.mean_share - float(share)) < 1e-5 and row.mean_share > 0.95
 
 
 # ---------------------------------------------------------------------------------------------
