@@ -23,7 +23,7 @@ __all__ = ['ANGLE_SETS', 'CONTROLS', 'SUMMARY_COLUMNS', 'MDE_FACTOR', 'REFERENCE
            'strongest_control', 'compare', 'comparisons', 'regime_effects', 'plot_regime_map', 'regime_map_markdown',
            'paired_differences', 'verdict', 'reading', 'comparisons_markdown', 'unfinished', 'progress_note',
            'compute_note', 'write_readme', 'write_report', 'weight_curves', 'choose_weights', 'plot_weight_curves',
-           'weights_section']
+           'shortcut_check', 'shortcut_markdown', 'weights_section']
 
 # %% ../nbs/08_report.ipynb #c005
 def seen_angles(run_dir: str | Path, angles) -> np.ndarray:
@@ -745,6 +745,36 @@ def plot_weight_curves(curves: pd.DataFrame, chosen: pd.DataFrame | None = None)
     a.legend(fontsize=7); fig.tight_layout()
     return fig
 
+# %% ../nbs/08_report.ipynb #n84f62c7
+def shortcut_check(root: str | Path, runs: pd.DataFrame, stage: str = "pixel_decoder", angles=(90.0, 180.0),
+                   n_tiles: int = 8) -> pd.DataFrame:
+    """Per run of `runs` (those with trained weights) and tap of `stage`: the cosine across views, the centred cosine
+    and the share of the upright maps' energy in their spatial mean (`evaluate.feature_consistency`, mean over
+    `angles`), on the run's own evaluation split and tiles."""
+    from tqdm.auto import tqdm  # noqa: PLC0415
+    from mars_nb.evaluate import feature_consistency  # noqa: PLC0415
+    from mars_nb.pairs import dataset_for  # noqa: PLC0415
+    from mars_nb.runfolder import load_trained  # noqa: PLC0415
+    rows = []
+    trained = [r for r in runs.itertuples() if (Path(root) / "runs" / r.run / "model.safetensors").exists()]
+    for r in tqdm(trained, desc="shortcut check", leave=False):
+        model, cfg = load_trained(Path(root) / "runs" / r.run)
+        fc = feature_consistency(model.eval(), dataset_for(cfg), angles, n_tiles, split=cfg.eval.split,
+                                 tile_size=cfg.data.crop, stages=(stage,), progress=False)
+        means = fc.groupby("tap")[["consistency", "consistency_centred", "mean_share"]].mean()
+        rows += [{"run": r.run, "config": r.config, "seed": r.seed, "tap": t, **v} for t, v in means.to_dict("index").items()]
+    return pd.DataFrame(rows)
+
+
+def shortcut_markdown(check: pd.DataFrame, order: list[str] | None = None) -> str:
+    "`shortcut_check` as a table: a row per configuration, per map 'share · cosine · centred cosine' (mean over runs)."
+    m = check.groupby(["config", "tap"])[["mean_share", "consistency", "consistency_centred"]].mean()
+    taps = list(dict.fromkeys(check["tap"]))
+    configs = [c for c in (order or config_order(check["config"])) if c in set(check["config"])]
+    cell = lambda c, t: "–" if (c, t) not in m.index else " · ".join(f"{v:.3f}" for v in m.loc[(c, t)])
+    return "\n".join([f"| config | {' | '.join(t.split('.')[-1] for t in taps)} |", "|---" * (len(taps) + 1) + "|",
+                      *(f"| {c} | " + " | ".join(cell(c, t) for t in taps) + " |" for c in configs)]) + "\n"
+
 # %% ../nbs/08_report.ipynb #n1875e87
 def weights_section(root: str | Path, figdir: Path, runs: pd.DataFrame | None = None) -> str:
     """Markdown (and `weight_curves.png`) for a weight grid's report — configurations `<tap>-x<multiplier>`, evaluated
@@ -760,5 +790,15 @@ def weights_section(root: str | Path, figdir: Path, runs: pd.DataFrame | None = 
     fig.savefig(figdir / "weight_curves.png", dpi=120, bbox_inches="tight"); plt.close(fig)
     curves.to_csv(Path(figdir).parent / "weight_curves.csv", index=False)
     rows = "".join(f"| {r.tap} | {r.weight:g} | {r.fg_iou_mean:.3f} | {r.share:.2%} |\n" for r in best.itertuples())
-    return ("\n## Weights chosen on val\n\n![weight curves](figures/weight_curves.png)\n\n"
+    text = ("\n## Weights chosen on val\n\n![weight curves](figures/weight_curves.png)\n\n"
             "| tap | chosen weight | val IoU mean | gradient share |\n|---|---|---|---|\n" + rows)
+    pixel = runs[[weight_multiplier(c)[0].startswith("pixel") or c == "mars-off" for c in runs["config"]]]
+    check = shortcut_check(root, pixel) if len(pixel) else pd.DataFrame()
+    if len(check):
+        check.to_csv(Path(figdir).parent / "shortcut.csv", index=False)
+        text += ("\n### Agreement through a shared component?\n\nThe pixel decoder's maps of every pixel-tap run and of "
+                 "`mars-off` on their val tiles at 90° and 180° (`shortcut_check`; mean over folds): the share of a "
+                 "map's energy in its spatial mean · the cosine across views · the centred cosine. A cosine near 1 "
+                 "beside a share near 1 is agreement through a component every pixel shares.\n\n"
+                 + shortcut_markdown(check))
+    return text

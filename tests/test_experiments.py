@@ -322,3 +322,23 @@ def test_rotaug_bn_is_a_reference_and_never_a_column_of_the_map(tmp_path):
     comps = comparisons(root, runs, table)
     assert set(comps[comps["config"] == "mars-x"]["control"]) == {"rotaug", "rotaug-bn", "pseudo"}
     assert set(regime_effects(comps, table)["config"]) == {"mars-x"}
+
+
+def test_the_shortcut_check_finds_the_shared_component_of_a_committed_pixel_run():
+    """The committed val run of the pixel-decoder tap at x100 agrees across views through a component every pixel
+    shares (its coarsest map almost all spatial mean, cosine near 1, centred cosine far below); at weight 0 not."""
+    import pandas as pd
+    from conftest import ROOT
+    from mars_nb.report import shortcut_check, shortcut_markdown
+    root = ROOT / "reports" / "weights-l10"
+    if not (root / "runs" / "craters-l10-pixel-x100-s0" / "model.safetensors").exists():
+        pytest.skip("run weights are not committed (.gitignore): `make weights` recreates them")
+    runs = pd.read_csv(root / "runs.csv")
+    check = shortcut_check(root, runs[runs["run"].isin(["craters-l10-pixel-x100-s0", "craters-l10-mars-off-s0"])],
+                           angles=(90.0,), n_tiles=2).set_index(["config", "tap"])
+    x100, off = check.loc[("pixel-x100", "pixel_decoder.ms0")], check.loc[("mars-off", "pixel_decoder.ms0")]
+    assert x100["mean_share"] > 0.99 and x100["consistency"] > 0.99 > x100["consistency_centred"] + 0.2
+    assert off["mean_share"] < x100["mean_share"] and off["consistency"] < 0.9
+    table = shortcut_markdown(check.reset_index()).splitlines()
+    assert table[0] == "| config | mask_features | ms0 | ms1 | ms2 |" and table[2].startswith("| mars-off | ")
+    assert f"{x100['mean_share']:.3f} · {x100['consistency']:.3f} · {x100['consistency_centred']:.3f}" in table[3]
