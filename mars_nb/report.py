@@ -792,13 +792,16 @@ def weights_section(root: str | Path, figdir: Path, runs: pd.DataFrame | None = 
     rows = "".join(f"| {r.tap} | {r.weight:g} | {r.fg_iou_mean:.3f} | {r.share:.2%} |\n" for r in best.itertuples())
     text = ("\n## Weights chosen on val\n\n![weight curves](figures/weight_curves.png)\n\n"
             "| tap | chosen weight | val IoU mean | gradient share |\n|---|---|---|---|\n" + rows)
-    pixel = runs[[weight_multiplier(c)[0].startswith("pixel") or c == "mars-off" for c in runs["config"]]]
-    check = shortcut_check(root, pixel) if len(pixel) else pd.DataFrame()
-    if len(check):
-        check.to_csv(Path(figdir).parent / "shortcut.csv", index=False)
-        text += ("\n### Agreement through a shared component?\n\nThe pixel decoder's maps of every pixel-tap run and of "
-                 "`mars-off` on their val tiles at 90° and 180° (`shortcut_check`; mean over folds): the share of a "
-                 "map's energy in its spatial mean · the cosine across views · the centred cosine. A cosine near 1 "
-                 "beside a share near 1 is agreement through a component every pixel shares.\n\n"
+    checks = []
+    for tap, stage in (("backbone", "backbone"), ("pixel", "pixel_decoder")):          # the feature taps
+        mine = runs[[weight_multiplier(c)[0].startswith(tap) or c == "mars-off" for c in runs["config"]]]
+        check = shortcut_check(root, mine, stage) if len(mine) > (mine["config"] == "mars-off").sum() else pd.DataFrame()
+        if not len(check): continue
+        checks.append(check)
+        text += (f"\n### Agreement through a shared component? ({stage})\n\nThe {stage} maps of every {tap}-tap run "
+                 "and of `mars-off` on their val tiles at 90° and 180° (`shortcut_check`; mean over folds): the share "
+                 "of a map's energy in its spatial mean · the cosine across views · the centred cosine. A cosine near "
+                 "1 beside a share near 1 is agreement through a component every pixel shares.\n\n"
                  + shortcut_markdown(check))
+    if checks: pd.concat(checks, ignore_index=True).to_csv(Path(figdir).parent / "shortcut.csv", index=False)
     return text
