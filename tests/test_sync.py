@@ -82,11 +82,16 @@ def test_the_study_grids_use_the_weights_val_chose():
     configs = grids["regimes"]
     assert weights(configs.pop("mars-hybrid-scarce")) == {stage[t]: scarce[t] for t in stage}
     changed = {t for t in stage if scarce[t] != full[t]}
+    # the pixel-decoder tap on the centred cosine exists only as a scarce-label tap, its multiplier on the pixel base
+    centred = {"pixel-centred": "pixel"} if "pixel-centred" in scarce else {}
     reweighted = {n: weight_multiplier(n) for n in configs if weight_multiplier(n)[1] is not None}
-    assert {name[len("mars-"):] for name, _ in reweighted.values()} == changed
+    assert {name[len("mars-"):] for name, _ in reweighted.values()} == changed | set(centred)
     lite0 = {n: weight_multiplier(n) for n in grids["regimes-lite0"] if weight_multiplier(n)[1] is not None}
-    assert lite0 and {name[len("mars-"):] for name, _ in lite0.values()} <= changed
+    assert lite0 and {name[len("mars-"):] for name, _ in lite0.values()} <= changed | set(centred)
     configs = {**configs, **grids["regimes-lite0"]}
     for n, (name, mult) in {**reweighted, **lite0}.items():
         tap = name[len("mars-"):]
-        assert weights(configs[n]) == {stage[tap]: scarce[tap]} and mult == round(scarce[tap] / full[tap]), n
+        base = centred.get(tap, tap)
+        assert weights(configs[n]) == {stage[base]: scarce[tap]} and mult == round(scarce[tap] / full[base]), n
+        distances = {v.get("distance", "cosine") for v in configs[n]["mars"]["stages"].values()}
+        assert distances == ({"cosine_centred"} if tap in centred else {"cosine"} if base != "attention" else {"js"}), n
