@@ -347,8 +347,9 @@ def test_the_regime_grid_offers_unlabelled_crops_where_labels_are_scarce():
     from conftest import ROOT
     from mars_nb.config import config_from_params
     runs = {r.name: config_from_params(**r.params) for r in load_grid(ROOT / "grids" / "regimes.yaml")}
-    assert len(runs) == (7 * 8 + 2 * 5 + 4 * 3) * 5   # 8 configurations in 7 regimes; mars-off, rotaug-bn in the 5 with unlabelled
-    # crops; the 3 re-weighted at 10 % labels in the 4 label-scarce ones
+    assert len(runs) == (7 * 8 + 2 * 5 + 4 * 4) * 5   # 8 configurations in 7 regimes; mars-off, rotaug-bn in the 5 with unlabelled
+    # crops; the 3 re-weighted at 10 % labels and the centred pixel tap in the 4 label-scarce ones
+    assert runs["trees-l10-mars-pixel-centred-x100-s1"].mars["stages"]["pixel_decoder"]["distance"] == "cosine_centred"
     for control in ("-mars-off-", "-rotaug-bn-"):
         assert {n.rsplit(control, 1)[0] for n in runs if control in n} == {
             "craters-l5", "craters-l10", "craters-l25", "craters-l100", "trees-l10"}
@@ -368,8 +369,9 @@ def test_the_lite0_regimes_join_the_regime_study_without_a_name_in_common():
     from mars_nb.config import config_from_params
     lite0 = {r.name: r for r in load_grid(ROOT / "grids" / "regimes-lite0.yaml")}
     tiny = {r.name: r for r in load_grid(ROOT / "grids" / "regimes.yaml")}
-    assert len(lite0) == 2 * 7 * 5 + 5 and not set(lite0) & set(tiny)   # 7 configurations (mars-off and rotaug-bn among
-    assert {n for n in lite0 if "-x" in n} == {f"craters-l10-lite0-mars-pixel-x100-s{s}" for s in range(5)}  # + 1 at 10 %
+    assert len(lite0) == 2 * 7 * 5 + 10 and not set(lite0) & set(tiny)  # 7 configurations (mars-off and rotaug-bn among
+    assert {n for n in lite0 if "-x" in n} == {f"craters-l10-lite0-mars-pixel{c}-x100-s{s}"       # them), + 2 at 10 %
+                                               for c in ("", "-centred") for s in range(5)}
     assert {r.out_dir.parent for r in lite0.values()} == {r.out_dir.parent for r in tiny.values()}    # one report
     cfg = config_from_params(**lite0["craters-l10-lite0-mars-hybrid-s3"].params)
     assert cfg.model.preset == "lite0" and cfg.data.labelled == 0.1 and cfg.data.unlabelled
