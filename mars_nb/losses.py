@@ -164,7 +164,7 @@ def smooth_l1_distance(f1: Tensor, f2: Tensor, valid: Tensor | None = None,
 
 
 def feature_distance(f1: Tensor, f2: Tensor, valid: Tensor | None = None, kind: str = "cosine", **options) -> Tensor:
-    "Any registered feature distance by name (`cosine`, `mse`, `smooth_l1`, `infonce`) between aligned maps."
+    "Any registered feature distance by name (`cosine`, `mse`, `smooth_l1`, `cosine_centred`, `infonce`) between aligned maps."
     return get_distance(kind, "feature").fn(f1, f2, valid, **options)
 
 # %% ../nbs/04_losses.ipynb #nb9d1db6
