@@ -219,9 +219,11 @@ class _Clock:
     (saved on every tick, so a killed attempt loses at most one tick). `attempt`: 1 for the first."""
     def __init__(self, path: Path):
         self.path, self.t0 = path, time.time()
-        try: before = json.loads(path.read_text())
-        except (OSError, ValueError): before = {"seconds": 0.0, "attempts": 0}
-        self.before, self.attempt = float(before["seconds"]), int(before["attempts"]) + 1
+        try:
+            before = json.loads(path.read_text())
+            before = float(before["seconds"]), int(before["attempts"])
+        except (OSError, ValueError, KeyError, TypeError): before = 0.0, 0     # none, or torn: time this attempt only
+        self.before, self.attempt = before[0], before[1] + 1
 
     def seconds(self) -> float: return self.before + time.time() - self.t0
 

@@ -15,8 +15,8 @@ import yaml
 from scipy import stats
 
 # %% auto #0
-__all__ = ['ANGLE_SETS', 'CONTROLS', 'SUMMARY_COLUMNS', 'MDE_FACTOR', 'REFERENCES', 'seen_angles', 'angle_set', 'collect',
-           'run_hours', 'weight_multiplier', 'config_order', 'config_colors', 'mean_ci', 'summary_table',
+__all__ = ['ANGLE_SETS', 'CONTROLS', 'SUMMARY_COLUMNS', 'MDE_FACTOR', 'REFERENCES', 'seen_angles', 'angle_sets', 'angle_set',
+           'collect', 'run_hours', 'weight_multiplier', 'config_order', 'config_colors', 'mean_ci', 'summary_table',
            'class_iou_markdown', 'to_markdown', 'panel_grid', 'config_legend', 'plot_metric_vs_angle',
            'plot_summary_bars', 'plot_replicates', 'collect_features', 'plot_feature_consistency',
            'plot_training_curves', 'plot_attention_panels', 'mean_fg_iou', 'tile_bootstrap', 'run_confusion',
@@ -43,13 +43,18 @@ and `reversed`, the unseen angles a half-turn from seen ones — where a fixed l
 shadows) falls from the opposite side of anything trained on (135–225° for training within ±45°)."""
 
 
+def angle_sets(run_dir: str | Path, angles) -> dict[str, np.ndarray]:
+    "Every angle set of `ANGLE_SETS`: which evaluation `angles` belong to it, for the run in `run_dir` (one read)."
+    angles = np.asarray(angles, float)
+    both = seen_angles(run_dir, np.concatenate([angles, angles + 180]))
+    seen, turned = both[:len(angles)], both[len(angles):]
+    return {"all": np.ones_like(seen), "seen": seen, "unseen": ~seen, "reversed": ~seen & turned}
+
+
 def angle_set(run_dir: str | Path, angles, which: str) -> np.ndarray:
     "Which evaluation `angles` belong to the run's angle set `which` (one of `ANGLE_SETS`)."
     if which not in ANGLE_SETS: raise ValueError(f"angles {which!r} is not one of {ANGLE_SETS}")
-    angles = np.asarray(angles, float)
-    seen = seen_angles(run_dir, angles)
-    return {"all": np.ones_like(seen), "seen": seen, "unseen": ~seen,
-            "reversed": ~seen & seen_angles(run_dir, angles + 180)}[which]
+    return angle_sets(run_dir, angles)[which]
 
 
 def collect(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -63,8 +68,9 @@ def collect(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         metrics = json.loads((done.parent / "metrics.json").read_text())
         key = {"run": d["name"], "config": d["config"], "dataset": d["dataset"], "seed": d["seed"]}
         sweep = pd.read_csv(done.parent / "sweep.csv")
-        seen = seen_angles(done.parent, sweep["angle"])
-        masks = {} if seen.all() else {s: angle_set(done.parent, sweep["angle"], s) for s in ANGLE_SETS[1:]}
+        sets = angle_sets(done.parent, sweep["angle"])
+        seen = sets["seen"]
+        masks = {} if seen.all() else {s: sets[s] for s in ANGLE_SETS[1:]}
         split = {f"fg_iou_{s}": float(sweep["fg_iou"][m].mean()) for s, m in masks.items() if m.any()}
         timed = "attempts" in d or len(list(done.parent.glob("logs/attempt*"))) <= 1   # else: its last attempt only
         runs.append({**key, **{k: v for k, v in metrics.items() if k not in ("name", "dataset", "seed")}, **split,
@@ -474,13 +480,21 @@ def regime_effects(comps: pd.DataFrame, table: pd.DataFrame, control: tuple[str,
     return pd.DataFrame(rows)
 
 
+def _map_axes(effects: pd.DataFrame, order: list[str] | None) -> tuple[list[str], list[str], list[str]]:
+    "A regime map's rows (regimes), columns (configurations, in `order`) and row labels (regime − its control)."
+    regimes = list(dict.fromkeys(effects["dataset"]))
+    configs = [c for c in (order or config_order(effects["config"])) if c in set(effects["config"])]
+    first = effects.drop_duplicates("dataset").set_index("dataset")          # one control and angle set per regime
+    labels = [f"{d} − {first.control[d]}" + (" (unseen angles)" if first.angles[d] == "unseen" else "") for d in regimes]
+    return regimes, configs, labels
+
+
 def plot_regime_map(effects: pd.DataFrame, order: list[str] | None = None,
                     title: str = "Where does a tap beat the strongest control?"):
     "Heat map of `regime_effects`: difference to each row's control, its interval and detectable effect per cell."
     import matplotlib.pyplot as plt  # noqa: PLC0415
     from matplotlib.patches import Rectangle  # noqa: PLC0415
-    regimes = list(dict.fromkeys(effects["dataset"]))
-    configs = [c for c in (order or config_order(effects["config"])) if c in set(effects["config"])]
+    regimes, configs, labels = _map_axes(effects, order)
     diff = np.full((len(regimes), len(configs)), np.nan)
     for r in effects.itertuples(): diff[regimes.index(r.dataset), configs.index(r.config)] = r.diff
     lim = max(float(np.nanmax(np.abs(effects[["lo", "hi"]].to_numpy()))), 1e-3)
@@ -490,10 +504,8 @@ def plot_regime_map(effects: pd.DataFrame, order: list[str] | None = None,
         i, j = regimes.index(r.dataset), configs.index(r.config)
         ax.text(j, i, f"{r.diff:+.3f}\n[{r.lo:+.3f}, {r.hi:+.3f}]\n≥ {r.mde:.3f}", ha="center", va="center", fontsize=7)
         if r.lo > 0 or r.hi < 0: ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=2, ec="k"))
-    first = effects.drop_duplicates("dataset").set_index("dataset")          # one control and angle set per regime
-    labels = [f"{d}\nvs {first.control[d]}" + (" (unseen angles)" if first.angles[d] == "unseen" else "") for d in regimes]
     ax.set_xticks(range(len(configs)), configs, rotation=20, ha="right", fontsize=8)
-    ax.set_yticks(range(len(regimes)), labels, fontsize=8)
+    ax.set_yticks(range(len(regimes)), [label.replace(" − ", "\nvs ", 1) for label in labels], fontsize=8)
     fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02).set_label("Δ mean foreground IoU vs the row's control", fontsize=8)
     ax.set_title(f"{title} (cell: Δ, 95 % interval, detectable effect)", fontsize=9)
     fig.tight_layout()
@@ -503,12 +515,9 @@ def plot_regime_map(effects: pd.DataFrame, order: list[str] | None = None,
 def regime_map_markdown(effects: pd.DataFrame, order: list[str] | None = None) -> str:
     """The regime map in numbers: a row per configuration, a column per regime (and the control it is read
     against), each cell Δ [95 % interval] and the detectable effect; Δ in bold where the interval excludes zero."""
-    regimes = list(dict.fromkeys(effects["dataset"]))
-    configs = [c for c in (order or config_order(effects["config"])) if c in set(effects["config"])]
-    first = effects.drop_duplicates("dataset").set_index("dataset")
+    regimes, configs, head = _map_axes(effects, order)
     cell = {(r.config, r.dataset): (f"**{r.diff:+.3f}**" if r.lo > 0 or r.hi < 0 else f"{r.diff:+.3f}")
             + f" [{r.lo:+.3f}, {r.hi:+.3f}] ≥ {r.mde:.3f}" for r in effects.itertuples()}
-    head = [f"{d} − {first.control[d]}" + (" (unseen angles)" if first.angles[d] == "unseen" else "") for d in regimes]
     return "\n".join(["| config | " + " | ".join(head) + " |", "|---" * (len(regimes) + 1) + "|",
                       *(f"| {c} | " + " | ".join(cell.get((c, d), "–") for d in regimes) + " |" for c in configs)]) + "\n"
 
