@@ -22,8 +22,9 @@ __all__ = ['ANGLE_SETS', 'CONTROLS', 'SUMMARY_COLUMNS', 'MDE_FACTOR', 'REFERENCE
            'plot_training_curves', 'plot_attention_panels', 'mean_fg_iou', 'tile_bootstrap', 'run_confusion',
            'strongest_control', 'compare', 'comparisons', 'regime_effects', 'plot_regime_map', 'regime_map_markdown',
            'paired_differences', 'verdict', 'reading', 'comparisons_markdown', 'unfinished', 'progress_note',
-           'compute_note', 'write_readme', 'write_report', 'weight_curves', 'choose_weights', 'plot_weight_curves',
-           'shortcut_check', 'shortcut_markdown', 'weights_section']
+           'compute_note', 'write_readme', 'shortcut_check', 'shortcut_markdown', 'shortcut_from_features',
+           'shortcut_section', 'write_report', 'weight_curves', 'choose_weights', 'plot_weight_curves',
+           'weights_section']
 
 # %% ../nbs/08_report.ipynb #c005
 def seen_angles(run_dir: str | Path, angles) -> np.ndarray:
@@ -639,6 +640,56 @@ def write_readme(root: Path, runs: pd.DataFrame, table: pd.DataFrame, figures: l
     text.append("\nEvery run's executed notebook, config, logs and metrics are under `runs/`.\n")
     (root / "README.md").write_text("\n".join(text))
 
+# %% ../nbs/08_report.ipynb #n84f62c7
+def shortcut_check(root: str | Path, runs: pd.DataFrame, stage: str = "pixel_decoder", angles=(90.0, 180.0),
+                   n_tiles: int = 8) -> pd.DataFrame:
+    """Per run of `runs` (those with trained weights) and tap of `stage`: the cosine across views, the centred cosine
+    and the share of the upright maps' energy in their spatial mean (`evaluate.feature_consistency`, mean over
+    `angles`), on the run's own evaluation split and tiles."""
+    from tqdm.auto import tqdm  # noqa: PLC0415
+    from mars_nb.evaluate import feature_consistency  # noqa: PLC0415
+    from mars_nb.pairs import dataset_for  # noqa: PLC0415
+    from mars_nb.runfolder import load_trained  # noqa: PLC0415
+    rows = []
+    trained = [r for r in runs.itertuples() if (Path(root) / "runs" / r.run / "model.safetensors").exists()]
+    for r in tqdm(trained, desc="shortcut check", leave=False):
+        model, cfg = load_trained(Path(root) / "runs" / r.run)
+        fc = feature_consistency(model.eval(), dataset_for(cfg), angles, n_tiles, split=cfg.eval.split,
+                                 tile_size=cfg.data.crop, stages=(stage,), progress=False)
+        means = fc.groupby("tap")[["consistency", "consistency_centred", "mean_share"]].mean()
+        rows += [{"run": r.run, "config": r.config, "seed": r.seed, "tap": t, **v} for t, v in means.to_dict("index").items()]
+    return pd.DataFrame(rows)
+
+
+def shortcut_markdown(check: pd.DataFrame, order: list[str] | None = None) -> str:
+    "`shortcut_check` as a table: a row per configuration, per map 'share · cosine · centred cosine' (mean over runs)."
+    m = check.groupby(["config", "tap"])[["mean_share", "consistency", "consistency_centred"]].mean()
+    taps = list(dict.fromkeys(check["tap"]))
+    configs = [c for c in (order or config_order(check["config"])) if c in set(check["config"])]
+    cell = lambda c, t: "–" if (c, t) not in m.index else " · ".join(f"{v:.3f}" for v in m.loc[(c, t)])
+    return "\n".join([f"| config | {' | '.join(t.split('.')[-1] for t in taps)} |", "|---" * (len(taps) + 1) + "|",
+                      *(f"| {c} | " + " | ".join(cell(c, t) for t in taps) + " |" for c in configs)]) + "\n"
+
+# %% ../nbs/08_report.ipynb #02619151
+def shortcut_from_features(features: pd.DataFrame, stage: str = "pixel_decoder", angles=(90.0, 180.0)) -> pd.DataFrame:
+    "`shortcut_check`'s table (plus `dataset`) from `collect_features` — the runs that recorded the mean's share."
+    cols = ["consistency", "consistency_centred", "mean_share"]
+    if not len(features) or "mean_share" not in features: return pd.DataFrame()
+    f = features[(features["stage"] == stage) & features["angle"].isin(angles)].dropna(subset=cols)
+    return f.groupby(["dataset", "config", "seed", "tap"], as_index=False, sort=False)[cols].mean()
+
+
+def shortcut_section(check: pd.DataFrame, order: list[str] | None = None, stage: str = "pixel_decoder") -> str:
+    "Markdown: `shortcut_from_features`'s table per dataset ('' without rows)."
+    if not len(check): return ""
+    text = (f"\n## Agreement through a shared component? ({stage})\n\nThe {stage} maps on each run's evaluation tiles "
+            "at 90° and 180° (mean over replicates): the share of a map's energy in its spatial mean · the cosine across views · "
+            "the centred cosine. A cosine near 1 beside a share near 1 is agreement through a component every pixel "
+            "shares. Only runs that recorded the centred cosine are here.\n")
+    for dataset, rows in check.groupby("dataset", sort=False):
+        text += f"\n**{dataset}**\n\n" + shortcut_markdown(rows, order)
+    return text
+
 # %% ../nbs/08_report.ipynb #c018
 def write_report(root: str | Path, order: list[str] | None = None, panels: bool = True,
                  dest: str | Path | None = None, datasets: list[str] | None = None, expected=()) -> pd.DataFrame:
@@ -666,6 +717,7 @@ def write_report(root: str | Path, order: list[str] | None = None, panels: bool 
             "training_curves.png": plot_training_curves(root, runs, order)}
     features = by_rank(collect_features(root))
     if len(features): figs["feature_consistency.png"] = plot_feature_consistency(features, order)
+    shortcut = shortcut_from_features(features)
     if panels:
         ranked = table[table["dataset"] == table["dataset"].iloc[0]].sort_values("fg_iou_mean")
         for tag, row in (("best", ranked.iloc[-1]), ("worst", ranked.iloc[0])):
@@ -694,6 +746,11 @@ def write_report(root: str | Path, order: list[str] | None = None, panels: bool 
     else: (out / "comparisons.csv").unlink(missing_ok=True)          # none yet: no table left from an earlier report
     reweighted = any(weight_multiplier(c)[1] is not None for c in runs["config"])     # a weight grid, perhaps
     extra = weights_section(root, figdir, runs) if reweighted else ""
+    shortcut = shortcut[~shortcut["dataset"].isin(list(pending))] if len(shortcut) else shortcut   # as the comparisons
+    if len(shortcut) and not reweighted:                    # a weight grid checks its weights itself
+        shortcut.to_csv(out / "shortcut.csv", index=False)
+        extra += shortcut_section(shortcut, order)
+    elif not reweighted: (out / "shortcut.csv").unlink(missing_ok=True)      # none whole yet: none left from before
     write_readme(out, runs, table, list(figs), comps=comps, extra=extra, pending=pending, numbers=numbers)
     return table
 
@@ -753,36 +810,6 @@ def plot_weight_curves(curves: pd.DataFrame, chosen: pd.DataFrame | None = None)
     for ax in (a, b): ax.grid(alpha=0.3, which="both")
     a.legend(fontsize=7); fig.tight_layout()
     return fig
-
-# %% ../nbs/08_report.ipynb #n84f62c7
-def shortcut_check(root: str | Path, runs: pd.DataFrame, stage: str = "pixel_decoder", angles=(90.0, 180.0),
-                   n_tiles: int = 8) -> pd.DataFrame:
-    """Per run of `runs` (those with trained weights) and tap of `stage`: the cosine across views, the centred cosine
-    and the share of the upright maps' energy in their spatial mean (`evaluate.feature_consistency`, mean over
-    `angles`), on the run's own evaluation split and tiles."""
-    from tqdm.auto import tqdm  # noqa: PLC0415
-    from mars_nb.evaluate import feature_consistency  # noqa: PLC0415
-    from mars_nb.pairs import dataset_for  # noqa: PLC0415
-    from mars_nb.runfolder import load_trained  # noqa: PLC0415
-    rows = []
-    trained = [r for r in runs.itertuples() if (Path(root) / "runs" / r.run / "model.safetensors").exists()]
-    for r in tqdm(trained, desc="shortcut check", leave=False):
-        model, cfg = load_trained(Path(root) / "runs" / r.run)
-        fc = feature_consistency(model.eval(), dataset_for(cfg), angles, n_tiles, split=cfg.eval.split,
-                                 tile_size=cfg.data.crop, stages=(stage,), progress=False)
-        means = fc.groupby("tap")[["consistency", "consistency_centred", "mean_share"]].mean()
-        rows += [{"run": r.run, "config": r.config, "seed": r.seed, "tap": t, **v} for t, v in means.to_dict("index").items()]
-    return pd.DataFrame(rows)
-
-
-def shortcut_markdown(check: pd.DataFrame, order: list[str] | None = None) -> str:
-    "`shortcut_check` as a table: a row per configuration, per map 'share · cosine · centred cosine' (mean over runs)."
-    m = check.groupby(["config", "tap"])[["mean_share", "consistency", "consistency_centred"]].mean()
-    taps = list(dict.fromkeys(check["tap"]))
-    configs = [c for c in (order or config_order(check["config"])) if c in set(check["config"])]
-    cell = lambda c, t: "–" if (c, t) not in m.index else " · ".join(f"{v:.3f}" for v in m.loc[(c, t)])
-    return "\n".join([f"| config | {' | '.join(t.split('.')[-1] for t in taps)} |", "|---" * (len(taps) + 1) + "|",
-                      *(f"| {c} | " + " | ".join(cell(c, t) for t in taps) + " |" for c in configs)]) + "\n"
 
 # %% ../nbs/08_report.ipynb #n1875e87
 def weights_section(root: str | Path, figdir: Path, runs: pd.DataFrame | None = None) -> str:
