@@ -747,10 +747,10 @@ def write_report(root: str | Path, order: list[str] | None = None, panels: bool 
     reweighted = any(weight_multiplier(c)[1] is not None for c in runs["config"])     # a weight grid, perhaps
     extra = weights_section(root, figdir, runs) if reweighted else ""
     shortcut = shortcut[~shortcut["dataset"].isin(list(pending))] if len(shortcut) else shortcut   # as the comparisons
-    if len(shortcut) and not reweighted:                    # a weight grid checks its weights itself
-        shortcut.to_csv(out / "shortcut.csv", index=False)
-        extra += shortcut_section(shortcut, order)
-    elif not reweighted: (out / "shortcut.csv").unlink(missing_ok=True)      # none whole yet: none left from before
+    if not extra:                                           # a weight grid's report checks its weights itself
+        if len(shortcut): shortcut.to_csv(out / "shortcut.csv", index=False)
+        else: (out / "shortcut.csv").unlink(missing_ok=True)                 # none whole yet: none left from before
+        extra = shortcut_section(shortcut, order)
     write_readme(out, runs, table, list(figs), comps=comps, extra=extra, pending=pending, numbers=numbers)
     return table
 
