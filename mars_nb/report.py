@@ -15,16 +15,16 @@ import yaml
 from scipy import stats
 
 # %% auto #0
-__all__ = ['ANGLE_SETS', 'CONTROLS', 'SUMMARY_COLUMNS', 'MDE_FACTOR', 'REFERENCES', 'seen_angles', 'angle_sets', 'angle_set',
-           'collect', 'run_hours', 'weight_multiplier', 'config_order', 'config_colors', 'mean_ci', 'summary_table',
-           'class_iou_markdown', 'to_markdown', 'panel_grid', 'config_legend', 'plot_metric_vs_angle',
-           'plot_summary_bars', 'plot_replicates', 'collect_features', 'plot_feature_consistency',
-           'plot_training_curves', 'plot_attention_panels', 'mean_fg_iou', 'tile_bootstrap', 'run_confusion',
-           'strongest_control', 'compare', 'comparisons', 'regime_effects', 'plot_regime_map', 'regime_map_markdown',
-           'paired_differences', 'verdict', 'reading', 'comparisons_markdown', 'unfinished', 'progress_note',
-           'compute_note', 'write_readme', 'shortcut_check', 'shortcut_markdown', 'shortcut_from_features',
-           'shortcut_section', 'write_report', 'weight_curves', 'choose_weights', 'plot_weight_curves',
-           'weights_section']
+__all__ = ['ANGLE_SETS', 'CONTROLS', 'SUMMARY_COLUMNS', 'MDE_FACTOR', 'REFERENCES', 'SHORTCUT_COLUMNS', 'seen_angles',
+           'angle_sets', 'angle_set', 'collect', 'run_hours', 'weight_multiplier', 'config_order', 'config_colors',
+           'mean_ci', 'summary_table', 'class_iou_markdown', 'to_markdown', 'panel_grid', 'config_legend',
+           'plot_metric_vs_angle', 'plot_summary_bars', 'plot_replicates', 'collect_features',
+           'plot_feature_consistency', 'plot_training_curves', 'plot_attention_panels', 'mean_fg_iou', 'tile_bootstrap',
+           'run_confusion', 'strongest_control', 'compare', 'comparisons', 'regime_effects', 'plot_regime_map',
+           'regime_map_markdown', 'paired_differences', 'verdict', 'reading', 'comparisons_markdown', 'unfinished',
+           'progress_note', 'compute_note', 'write_readme', 'shortcut_check', 'shortcut_markdown',
+           'shortcut_from_features', 'shortcut_section', 'write_report', 'weight_curves', 'choose_weights',
+           'plot_weight_curves', 'weights_section']
 
 # %% ../nbs/08_report.ipynb #c005
 def seen_angles(run_dir: str | Path, angles) -> np.ndarray:
@@ -641,6 +641,10 @@ def write_readme(root: Path, runs: pd.DataFrame, table: pd.DataFrame, figures: l
     (root / "README.md").write_text("\n".join(text))
 
 # %% ../nbs/08_report.ipynb #n84f62c7
+SHORTCUT_COLUMNS = ["mean_share", "consistency", "consistency_centred"]
+"A map's share of energy in its spatial mean, its cosine across views, its centred cosine: the shortcut check's numbers."
+
+
 def shortcut_check(root: str | Path, runs: pd.DataFrame, stage: str = "pixel_decoder", angles=(90.0, 180.0),
                    n_tiles: int = 8) -> pd.DataFrame:
     """Per run of `runs` (those with trained weights) and tap of `stage`: the cosine across views, the centred cosine
@@ -656,14 +660,14 @@ def shortcut_check(root: str | Path, runs: pd.DataFrame, stage: str = "pixel_dec
         model, cfg = load_trained(Path(root) / "runs" / r.run)
         fc = feature_consistency(model.eval(), dataset_for(cfg), angles, n_tiles, split=cfg.eval.split,
                                  tile_size=cfg.data.crop, stages=(stage,), progress=False)
-        means = fc.groupby("tap")[["consistency", "consistency_centred", "mean_share"]].mean()
+        means = fc.groupby("tap")[SHORTCUT_COLUMNS].mean()
         rows += [{"run": r.run, "config": r.config, "seed": r.seed, "tap": t, **v} for t, v in means.to_dict("index").items()]
     return pd.DataFrame(rows)
 
 
 def shortcut_markdown(check: pd.DataFrame, order: list[str] | None = None) -> str:
     "`shortcut_check` as a table: a row per configuration, per map 'share · cosine · centred cosine' (mean over runs)."
-    m = check.groupby(["config", "tap"])[["mean_share", "consistency", "consistency_centred"]].mean()
+    m = check.groupby(["config", "tap"])[SHORTCUT_COLUMNS].mean()
     taps = list(dict.fromkeys(check["tap"]))
     configs = [c for c in (order or config_order(check["config"])) if c in set(check["config"])]
     cell = lambda c, t: "–" if (c, t) not in m.index else " · ".join(f"{v:.3f}" for v in m.loc[(c, t)])
@@ -673,19 +677,21 @@ def shortcut_markdown(check: pd.DataFrame, order: list[str] | None = None) -> st
 # %% ../nbs/08_report.ipynb #02619151
 def shortcut_from_features(features: pd.DataFrame, stage: str = "pixel_decoder", angles=(90.0, 180.0)) -> pd.DataFrame:
     "`shortcut_check`'s table (plus `dataset`) from `collect_features` — the runs that recorded the mean's share."
-    cols = ["consistency", "consistency_centred", "mean_share"]
     if not len(features) or "mean_share" not in features: return pd.DataFrame()
-    f = features[(features["stage"] == stage) & features["angle"].isin(angles)].dropna(subset=cols)
-    return f.groupby(["dataset", "config", "seed", "tap"], as_index=False, sort=False)[cols].mean()
+    f = features[(features["stage"] == stage) & features["angle"].isin(angles)].dropna(subset=SHORTCUT_COLUMNS)
+    return f.groupby(["dataset", "config", "seed", "tap"], as_index=False, sort=False)[SHORTCUT_COLUMNS].mean()
 
 
-def shortcut_section(check: pd.DataFrame, order: list[str] | None = None, stage: str = "pixel_decoder") -> str:
-    "Markdown: `shortcut_from_features`'s table per dataset ('' without rows)."
+def shortcut_section(check: pd.DataFrame, order: list[str] | None = None, stage: str = "pixel_decoder",
+                     which: str = "Only runs that recorded the centred cosine are here.", level: str = "##") -> str:
+    """Markdown: a check's table (`shortcut_check`, or `shortcut_from_features`: a table per dataset) under a heading
+    of `level`, `which` saying whose maps they are; '' without rows."""
     if not len(check): return ""
-    text = (f"\n## Agreement through a shared component? ({stage})\n\nThe {stage} maps on each run's evaluation tiles "
-            "at 90° and 180° (mean over replicates): the share of a map's energy in its spatial mean · the cosine across views · "
-            "the centred cosine. A cosine near 1 beside a share near 1 is agreement through a component every pixel "
-            "shares. Only runs that recorded the centred cosine are here.\n")
+    text = (f"\n{level} Agreement through a shared component? ({stage})\n\nThe {stage} maps on each run's evaluation "
+            "tiles at 90° and 180° (mean over replicates): the share of a map's energy in its spatial mean · the cosine "
+            "across views · the centred cosine. A cosine near 1 beside a share near 1 is agreement through a component "
+            f"every pixel shares. {which}\n")
+    if "dataset" not in check: return text + "\n" + shortcut_markdown(check, order)
     for dataset, rows in check.groupby("dataset", sort=False):
         text += f"\n**{dataset}**\n\n" + shortcut_markdown(rows, order)
     return text
@@ -834,10 +840,7 @@ def weights_section(root: str | Path, figdir: Path, runs: pd.DataFrame | None = 
         check = shortcut_check(root, mine, stage) if len(mine) > (mine["config"] == "mars-off").sum() else pd.DataFrame()
         if not len(check): continue
         checks.append(check)
-        text += (f"\n### Agreement through a shared component? ({stage})\n\nThe {stage} maps of every {tap}-tap run "
-                 "and of `mars-off` on their val tiles at 90° and 180° (`shortcut_check`; mean over folds): the share "
-                 "of a map's energy in its spatial mean · the cosine across views · the centred cosine. A cosine near "
-                 "1 beside a share near 1 is agreement through a component every pixel shares.\n\n"
-                 + shortcut_markdown(check))
+        text += shortcut_section(check, stage=stage, level="###",
+                                 which=f"Every {tap}-tap run and `mars-off` (`shortcut_check`).")
     if checks: pd.concat(checks, ignore_index=True).to_csv(Path(figdir).parent / "shortcut.csv", index=False)
     return text
