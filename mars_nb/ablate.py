@@ -271,8 +271,8 @@ def run_grid(runs: list[Run], execute=execute, progress: bool = True) -> dict:
 def grid_status(runs: list[Run]) -> pd.DataFrame:
     """Per dataset of `runs`, in grid order: runs finished, begun (a folder, no result) and left, and the run-hours
     left. Each run left is timed at the median of the finished runs most like it: same dataset and configuration,
-    else same configuration and model preset, else same dataset; `guessed` counts the runs left with none of these
-    (timed at the median of every finished run: a new preset or dataset can cost more)."""
+    else same configuration and model preset, else same dataset, else same model preset; `guessed` counts the runs
+    left with none of these (timed at the median of every finished run: a new preset can cost more)."""
     import pandas as pd  # noqa: PLC0415
     done = {r.name: json.loads((r.out_dir / "done.json").read_text()) for r in runs if is_done(r)}
     took, every = {}, []
@@ -298,7 +298,7 @@ def grid_status(runs: list[Run]) -> pd.DataFrame:
 def _alike(r: Run) -> list[tuple]:
     "The keys a run's time is looked up by, most alike first (see `grid_status`)."
     return [("dataset+config", r.dataset, r.config), ("config+preset", r.config, r.params.get("preset")),
-            ("dataset", r.dataset)]
+            ("dataset", r.dataset), ("preset", r.params.get("preset"))]
 
 
 def status_text(t: pd.DataFrame, jobs: int = 1) -> str:
