@@ -15,10 +15,10 @@ import yaml
 from scipy import stats
 
 # %% auto #0
-__all__ = ['ANGLE_SETS', 'CONTROLS', 'SUMMARY_COLUMNS', 'MDE_FACTOR', 'REFERENCES', 'SHORTCUT_COLUMNS', 'seen_angles',
-           'angle_sets', 'angle_set', 'collect', 'run_hours', 'weight_multiplier', 'config_order', 'config_colors',
-           'mean_ci', 'summary_table', 'class_iou_markdown', 'to_markdown', 'panel_grid', 'config_legend',
-           'plot_metric_vs_angle', 'plot_summary_bars', 'plot_replicates', 'collect_features',
+__all__ = ['ANGLE_SETS', 'CONTROLS', 'SUMMARY_COLUMNS', 'MDE_FACTOR', 'REFERENCES', 'SHORTCUT_COLUMNS', 'SHORTCUT_ANGLES',
+           'seen_angles', 'angle_sets', 'angle_set', 'collect', 'run_hours', 'weight_multiplier', 'config_order',
+           'config_colors', 'mean_ci', 'summary_table', 'class_iou_markdown', 'to_markdown', 'panel_grid',
+           'config_legend', 'plot_metric_vs_angle', 'plot_summary_bars', 'plot_replicates', 'collect_features',
            'plot_feature_consistency', 'plot_training_curves', 'plot_attention_panels', 'mean_fg_iou', 'tile_bootstrap',
            'run_confusion', 'strongest_control', 'compare', 'comparisons', 'regime_effects', 'plot_regime_map',
            'regime_map_markdown', 'paired_differences', 'verdict', 'reading', 'comparisons_markdown', 'unfinished',
@@ -643,9 +643,11 @@ def write_readme(root: Path, runs: pd.DataFrame, table: pd.DataFrame, figures: l
 # %% ../nbs/08_report.ipynb #n84f62c7
 SHORTCUT_COLUMNS = ["mean_share", "consistency", "consistency_centred"]
 "A map's share of energy in its spatial mean, its cosine across views, its centred cosine: the shortcut check's numbers."
+SHORTCUT_ANGLES = (90.0, 180.0)
+"The view-2 angles the shortcut check averages over."
 
 
-def shortcut_check(root: str | Path, runs: pd.DataFrame, stage: str = "pixel_decoder", angles=(90.0, 180.0),
+def shortcut_check(root: str | Path, runs: pd.DataFrame, stage: str = "pixel_decoder", angles=SHORTCUT_ANGLES,
                    n_tiles: int = 8) -> pd.DataFrame:
     """Per run of `runs` (those with trained weights) and tap of `stage`: the cosine across views, the centred cosine
     and the share of the upright maps' energy in their spatial mean (`evaluate.feature_consistency`, mean over
@@ -675,7 +677,7 @@ def shortcut_markdown(check: pd.DataFrame, order: list[str] | None = None) -> st
                       *(f"| {c} | " + " | ".join(cell(c, t) for t in taps) + " |" for c in configs)]) + "\n"
 
 # %% ../nbs/08_report.ipynb #02619151
-def shortcut_from_features(features: pd.DataFrame, stage: str = "pixel_decoder", angles=(90.0, 180.0)) -> pd.DataFrame:
+def shortcut_from_features(features: pd.DataFrame, stage: str = "pixel_decoder", angles=SHORTCUT_ANGLES) -> pd.DataFrame:
     "`shortcut_check`'s table (plus `dataset`) from `collect_features` — the runs that recorded the mean's share."
     if not len(features) or "mean_share" not in features: return pd.DataFrame()
     f = features[(features["stage"] == stage) & features["angle"].isin(angles)].dropna(subset=SHORTCUT_COLUMNS)
@@ -688,7 +690,7 @@ def shortcut_section(check: pd.DataFrame, order: list[str] | None = None, stage:
     of `level`, `which` saying whose maps they are; '' without rows."""
     if not len(check): return ""
     text = (f"\n{level} Agreement through a shared component? ({stage})\n\nThe {stage} maps on each run's evaluation "
-            "tiles at 90° and 180° (mean over replicates): the share of a map's energy in its spatial mean · the cosine "
+            f"tiles at {' and '.join(f'{a:g}°' for a in SHORTCUT_ANGLES)} (mean over replicates): the share of a map's energy in its spatial mean · the cosine "
             "across views · the centred cosine. A cosine near 1 beside a share near 1 is agreement through a component "
             f"every pixel shares. {which}\n")
     if "dataset" not in check: return text + "\n" + shortcut_markdown(check, order)
