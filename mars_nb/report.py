@@ -685,12 +685,14 @@ def shortcut_from_features(features: pd.DataFrame, stage: str = "pixel_decoder",
 
 
 def shortcut_section(check: pd.DataFrame, order: list[str] | None = None, stage: str = "pixel_decoder",
-                     which: str = "Only runs that recorded the centred cosine are here.", level: str = "##") -> str:
+                     which: str = "Only runs that recorded the centred cosine are here.", level: str = "##",
+                     angles=SHORTCUT_ANGLES) -> str:
     """Markdown: a check's table (`shortcut_check`, or `shortcut_from_features`: a table per dataset) under a heading
-    of `level`, `which` saying whose maps they are; '' without rows."""
+    of `level`, `which` saying whose maps they are, `angles` the ones the check averaged over; '' without rows."""
     if not len(check): return ""
+    at = " and ".join(f"{a:g}°" for a in angles)
     text = (f"\n{level} Agreement through a shared component? ({stage})\n\nThe {stage} maps on each run's evaluation "
-            f"tiles at {' and '.join(f'{a:g}°' for a in SHORTCUT_ANGLES)} (mean over replicates): the share of a map's energy in its spatial mean · the cosine "
+            f"tiles at {at} (mean over replicates): the share of a map's energy in its spatial mean · the cosine "
             "across views · the centred cosine. A cosine near 1 beside a share near 1 is agreement through a component "
             f"every pixel shares. {which}\n")
     if "dataset" not in check: return text + "\n" + shortcut_markdown(check, order)
