@@ -21,8 +21,8 @@ __all__ = ['ANGLE_SETS', 'CONTROLS', 'SUMMARY_COLUMNS', 'MDE_FACTOR', 'REFERENCE
            'config_legend', 'plot_metric_vs_angle', 'plot_summary_bars', 'plot_replicates', 'collect_features',
            'plot_feature_consistency', 'plot_training_curves', 'plot_attention_panels', 'mean_fg_iou', 'tile_bootstrap',
            'run_confusion', 'strongest_control', 'compare', 'comparisons', 'regime_effects', 'plot_regime_map',
-           'regime_map_markdown', 'paired_differences', 'verdict', 'reading', 'comparisons_markdown', 'unfinished',
-           'progress_note', 'compute_note', 'write_readme', 'shortcut_check', 'shortcut_markdown',
+           'chance_note', 'regime_map_markdown', 'paired_differences', 'verdict', 'reading', 'comparisons_markdown',
+           'unfinished', 'progress_note', 'compute_note', 'write_readme', 'shortcut_check', 'shortcut_markdown',
            'shortcut_from_features', 'shortcut_section', 'write_report', 'weight_curves', 'choose_weights',
            'plot_weight_curves', 'weights_section']
 
@@ -513,14 +513,24 @@ def plot_regime_map(effects: pd.DataFrame, order: list[str] | None = None,
     return fig
 
 
+def chance_note(effects: pd.DataFrame, level: float = 0.95) -> str:
+    """How many cells of a regime map exclude zero, beside how many would by chance alone: were every configuration
+    level with its control, each of N intervals would miss zero with probability 1 − `level`."""
+    n, up, down = len(effects), int((effects["lo"] > 0).sum()), int((effects["hi"] < 0).sum())
+    return (f"{up + down} of {n} cells exclude zero ({up} above, {down} below); were every configuration level with "
+            f"its control, about {n * (1 - level):.1f} would by chance ({(1 - level) * 100:g} % of {n}, half on each side).")
+
+
 def regime_map_markdown(effects: pd.DataFrame, order: list[str] | None = None) -> str:
     """The regime map in numbers: a row per configuration, a column per regime (and the control it is read
-    against), each cell Δ [95 % interval] and the detectable effect; Δ in bold where the interval excludes zero."""
+    against), each cell Δ [95 % interval] and the detectable effect; Δ in bold where the interval excludes zero;
+    then `chance_note`."""
     regimes, configs, head = _map_axes(effects, order)
     cell = {(r.config, r.dataset): (f"**{r.diff:+.3f}**" if r.lo > 0 or r.hi < 0 else f"{r.diff:+.3f}")
             + f" [{r.lo:+.3f}, {r.hi:+.3f}] ≥ {r.mde:.3f}" for r in effects.itertuples()}
     return "\n".join(["| config | " + " | ".join(head) + " |", "|---" * (len(regimes) + 1) + "|",
-                      *(f"| {c} | " + " | ".join(cell.get((c, d), "–") for d in regimes) + " |" for c in configs)]) + "\n"
+                      *(f"| {c} | " + " | ".join(cell.get((c, d), "–") for d in regimes) + " |" for c in configs),
+                      "", chance_note(effects)]) + "\n"
 
 # %% ../nbs/08_report.ipynb #c016
 def paired_differences(runs: pd.DataFrame, metric: str = "fg_iou_mean", control: str = "rotaug") -> pd.DataFrame:

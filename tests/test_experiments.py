@@ -222,6 +222,7 @@ def test_a_regime_trained_on_some_angles_is_read_on_the_angles_it_never_saw(tmp_
     assert lines[at + 2] == (f"| mars-x | **{f['diff']:+.3f}** [{f['lo']:+.3f}, {f['hi']:+.3f}] ≥ {f['mde']:.3f} | "
                              f"**{u['diff']:+.3f}** [{u['lo']:+.3f}, {u['hi']:+.3f}] ≥ {u['mde']:.3f} |")
     assert "| config | craters-full − rotaug | craters-unseen − rotaug (unseen angles) |" in lines     # the second map
+    assert lines[at + 4].startswith("2 of 2 cells exclude zero (1 above, 1 below)"), "and what chance alone would give"
 
 
 def test_explore_finds_the_repository_from_anywhere_and_says_how_to_get_weights(tmp_path):
