@@ -492,7 +492,8 @@ def _map_axes(effects: pd.DataFrame, order: list[str] | None) -> tuple[list[str]
 
 def plot_regime_map(effects: pd.DataFrame, order: list[str] | None = None,
                     title: str = "Where does a tap beat the strongest control?"):
-    "Heat map of `regime_effects`: difference to each row's control, its interval and detectable effect per cell."
+    """Heat map of `regime_effects`: difference to each row's control, its interval and detectable effect per cell
+    ('not run' where a regime has no such configuration)."""
     import matplotlib.pyplot as plt  # noqa: PLC0415
     from matplotlib.patches import Rectangle  # noqa: PLC0415
     regimes, configs, labels = _map_axes(effects, order)
@@ -505,6 +506,7 @@ def plot_regime_map(effects: pd.DataFrame, order: list[str] | None = None,
         i, j = regimes.index(r.dataset), configs.index(r.config)
         ax.text(j, i, f"{r.diff:+.3f}\n[{r.lo:+.3f}, {r.hi:+.3f}]\n≥ {r.mde:.3f}", ha="center", va="center", fontsize=7)
         if r.lo > 0 or r.hi < 0: ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=2, ec="k"))
+    for i, j in zip(*np.nonzero(np.isnan(diff))): ax.text(j, i, "not run", ha="center", va="center", fontsize=7, color="0.6")
     ax.set_xticks(range(len(configs)), configs, rotation=20, ha="right", fontsize=8)
     ax.set_yticks(range(len(regimes)), [label.replace(" − ", "\nvs ", 1) for label in labels], fontsize=8)
     fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02).set_label("Δ mean foreground IoU vs the row's control", fontsize=8)
