@@ -481,6 +481,11 @@ def regime_effects(comps: pd.DataFrame, table: pd.DataFrame, control: tuple[str,
     return pd.DataFrame(rows)
 
 
+def _excludes_zero(lo, hi):
+    "Whether a 95 % interval [lo, hi] excludes zero (an outlined, bold cell of a regime map); arrays too."
+    return (lo > 0) | (hi < 0)
+
+
 def _map_axes(effects: pd.DataFrame, order: list[str] | None) -> tuple[list[str], list[str], list[str]]:
     "A regime map's rows (regimes), columns (configurations, in `order`) and row labels (regime − its control)."
     regimes = list(dict.fromkeys(effects["dataset"]))
@@ -505,7 +510,7 @@ def plot_regime_map(effects: pd.DataFrame, order: list[str] | None = None,
     for r in effects.itertuples():
         i, j = regimes.index(r.dataset), configs.index(r.config)
         ax.text(j, i, f"{r.diff:+.3f}\n[{r.lo:+.3f}, {r.hi:+.3f}]\n≥ {r.mde:.3f}", ha="center", va="center", fontsize=7)
-        if r.lo > 0 or r.hi < 0: ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=2, ec="k"))
+        if _excludes_zero(r.lo, r.hi): ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=2, ec="k"))
     for i, j in zip(*np.nonzero(np.isnan(diff))): ax.text(j, i, "not run", ha="center", va="center", fontsize=7, color="0.6")
     ax.set_xticks(range(len(configs)), configs, rotation=20, ha="right", fontsize=8)
     ax.set_yticks(range(len(regimes)), [label.replace(" − ", "\nvs ", 1) for label in labels], fontsize=8)
@@ -515,12 +520,13 @@ def plot_regime_map(effects: pd.DataFrame, order: list[str] | None = None,
     return fig
 
 
-def chance_note(effects: pd.DataFrame, level: float = 0.95) -> str:
+def chance_note(effects: pd.DataFrame) -> str:
     """How many cells of a regime map exclude zero, beside how many would by chance alone: were every configuration
-    level with its control, each of N intervals would miss zero with probability 1 − `level`."""
-    n, up, down = len(effects), int((effects["lo"] > 0).sum()), int((effects["hi"] < 0).sum())
-    return (f"{up + down} of {n} cells exclude zero ({up} above, {down} below); were every configuration level with "
-            f"its control, about {n * (1 - level):.1f} would by chance ({(1 - level) * 100:g} % of {n}, half on each side).")
+    level with its control, each of N 95 % intervals (`compare`) would miss zero with probability 0.05."""
+    n, out = len(effects), _excludes_zero(effects["lo"], effects["hi"])
+    up = int((out & (effects["lo"] > 0)).sum())
+    return (f"{int(out.sum())} of {n} cells exclude zero ({up} above, {int(out.sum()) - up} below); were every "
+            f"configuration level with its control, about {0.05 * n:.1f} would by chance (5 % of {n}, half on each side).")
 
 
 def regime_map_markdown(effects: pd.DataFrame, order: list[str] | None = None) -> str:
@@ -528,7 +534,7 @@ def regime_map_markdown(effects: pd.DataFrame, order: list[str] | None = None) -
     against), each cell Δ [95 % interval] and the detectable effect; Δ in bold where the interval excludes zero;
     then `chance_note`."""
     regimes, configs, head = _map_axes(effects, order)
-    cell = {(r.config, r.dataset): (f"**{r.diff:+.3f}**" if r.lo > 0 or r.hi < 0 else f"{r.diff:+.3f}")
+    cell = {(r.config, r.dataset): (f"**{r.diff:+.3f}**" if _excludes_zero(r.lo, r.hi) else f"{r.diff:+.3f}")
             + f" [{r.lo:+.3f}, {r.hi:+.3f}] ≥ {r.mde:.3f}" for r in effects.itertuples()}
     return "\n".join(["| config | " + " | ".join(head) + " |", "|---" * (len(regimes) + 1) + "|",
                       *(f"| {c} | " + " | ".join(cell.get((c, d), "–") for d in regimes) + " |" for c in configs),
