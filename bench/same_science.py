@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mars_nb.report import collect, mean_ci
+from mars_nb.results import collect, mean_ci
 
 ROOT = Path(__file__).resolve().parent.parent
 METRICS = {"fg_iou_mean": "IoU mean", "fg_iou_0": "IoU 0°", "fg_iou_worst": "IoU worst", "miou_mean": "mIoU mean",

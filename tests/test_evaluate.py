@@ -203,7 +203,7 @@ def test_write_sweep_writes_tiles_npz_that_round_trips(tmp_path):
         assert set(f.files) == {"confusion", "angles"}
         assert f["confusion"].dtype == np.int64 and np.array_equal(f["confusion"], conf)
         assert f["angles"].tolist() == [0.0, 90.0, 180.0, 270.0] == df["angle"].tolist()
-    from mars_nb.report import run_confusion
+    from mars_nb.compare import run_confusion
     (tmp_path / "runs").mkdir()
     (tmp_path / "run").rename(tmp_path / "runs" / "run")
     assert np.array_equal(run_confusion(tmp_path, "run"), conf)       # what the report reads back
@@ -216,7 +216,7 @@ def test_sweep_per_tile_on_craters_matches_the_summary():
     "A real sweep: per-tile counts for every crater test tile, pooled back they give each angle's foreground IoU."
     from mars_nb.data import load_dataset
     from mars_nb.model import build_model
-    from mars_nb.report import mean_fg_iou
+    from mars_nb.compare import mean_fg_iou
     torch.manual_seed(0)
     ds = load_dataset("craters")
     df, conf = sweep(build_model("tiny").eval(), ds, [0, 30], batch_size=16, tile_size=128, progress=False, per_tile=True)

@@ -90,7 +90,7 @@ def test_template_parameters_are_the_run_parameters():
 
 
 def test_verdict_words():
-    from mars_nb.report import verdict
+    from mars_nb.compare import verdict
     assert verdict(0.05, 0.01, 0.09, 3, 0.02) == "helps: +0.050 [+0.010, +0.090], detectable ≥ 0.020"
     assert verdict(-0.05, -0.09, -0.01, 3, 0.02) == "hurts: -0.050 [-0.090, -0.010], detectable ≥ 0.020"
     assert verdict(0.01, -0.02, 0.04, 3) == "no detectable difference: +0.010 [-0.020, +0.040]"   # mde unknown: not said
@@ -137,7 +137,8 @@ def _fake_root(root, configs, seeds=(0, 1, 2), tiles=6, angles=(0.0, 90.0), with
 
 def test_compare_pairs_replicates_and_tiles(tmp_path):
     import numpy as np
-    from mars_nb.report import MDE_FACTOR, collect, compare, run_confusion, tile_bootstrap
+    from mars_nb.results import collect
+    from mars_nb.compare import MDE_FACTOR, compare, run_confusion, tile_bootstrap
     root = _fake_root(tmp_path, {"rotaug": 0, "mars-x": 15, "nolog": 0}, without_tiles=("nolog",))
     runs, _ = collect(root)
     c = compare(root, runs, "mars-x", "rotaug", "craters", n=500)
@@ -155,7 +156,9 @@ def test_compare_pairs_replicates_and_tiles(tmp_path):
 
 
 def test_comparisons_read_each_config_against_rotaug_and_the_strongest_control(tmp_path):
-    from mars_nb.report import collect, comparisons, summary_table, write_report
+    from mars_nb.results import collect, summary_table
+    from mars_nb.compare import comparisons
+    from mars_nb.report import write_report
     root = _fake_root(tmp_path / "grid", {"none": -10, "rotaug": 0, "outcons": 8, "mars-x": 20})
     runs, _ = collect(root)
     table = summary_table(runs)
@@ -173,8 +176,9 @@ def test_comparisons_read_each_config_against_rotaug_and_the_strongest_control(t
 def test_a_regime_trained_on_some_angles_is_read_on_the_angles_it_never_saw(tmp_path):
     import numpy as np
     import pandas as pd
-    from mars_nb.report import (angle_set, collect, comparisons, plot_metric_vs_angle, regime_effects, seen_angles,
-                                 summary_table, write_report)
+    from mars_nb.results import angle_set, collect, seen_angles, summary_table
+    from mars_nb.compare import comparisons, regime_effects
+    from mars_nb.report import plot_metric_vs_angle, write_report
     from mars_nb.config import AnglePolicy, TrainConfig
     angles = (0.0, 30.0, 90.0, 180.0, 270.0, 330.0)
     limited = TrainConfig(mode="rotaug", angles=AnglePolicy("range", [-45.0, 45.0]))
@@ -237,7 +241,7 @@ def test_explore_finds_the_repository_from_anywhere_and_says_how_to_get_weights(
 def test_the_report_gives_every_class_by_name():
     "Per-class IoU used to exist only in each run's sweep.csv; the report showed an undefined 'foreground IoU'."
     import pandas as pd
-    from mars_nb.report import class_iou_markdown
+    from mars_nb.results import class_iou_markdown
     runs = pd.DataFrame({"dataset": ["cells"] * 4, "config": ["rotaug", "rotaug", "mars", "mars"], "seed": [0, 1, 0, 1],
                          "iou_background_mean": [0.9, 0.92, 0.91, 0.93], "iou_nucleus_mean": [0.5, 0.52, 0.6, 0.62],
                          "iou_membrane_mean": [0.3, 0.32, 0.2, 0.22]})
@@ -249,7 +253,8 @@ def test_the_report_gives_every_class_by_name():
 def test_a_regime_still_running_is_tabled_but_not_compared(tmp_path):
     import pandas as pd
     from types import SimpleNamespace
-    from mars_nb.report import collect, unfinished, write_report
+    from mars_nb.results import collect
+    from mars_nb.report import unfinished, write_report
     root = _fake_root(tmp_path / "g", {"rotaug": 0, "outcons": 5, "mars-x": 15}, dataset="craters-a")
     _fake_root(root, {"rotaug": 0, "mars-x": 15}, seeds=(0,), dataset="craters-b")   # outcons not begun, mars-x 1 of 3
     grid = [SimpleNamespace(name=f"{d}-{c}-s{s}", dataset=d) for d in ("craters-a", "craters-b")
@@ -285,7 +290,8 @@ def test_a_report_says_which_tiles_it_scored(tmp_path):
 
 def test_the_replicates_figure_draws_every_run_and_joins_each_replicate(tmp_path):
     import numpy as np
-    from mars_nb.report import collect, plot_replicates
+    from mars_nb.results import collect
+    from mars_nb.report import plot_replicates
     root = _fake_root(tmp_path, {"rotaug": 0, "mars-x": 15})
     runs, _ = collect(root)
     ax = plot_replicates(runs, order=["rotaug", "mars-x"]).axes[0]
@@ -298,7 +304,8 @@ def test_the_replicates_figure_draws_every_run_and_joins_each_replicate(tmp_path
 
 def test_a_tap_is_read_against_mars_off_where_the_regime_has_it(tmp_path):
     "mars-off (the same training, consistency at 0) is what isolates the term: every config is compared with it."
-    from mars_nb.report import collect, comparisons, regime_effects, summary_table
+    from mars_nb.results import collect, summary_table
+    from mars_nb.compare import comparisons, regime_effects
     # pseudo is the strongest control here, so mars-off is compared with because it is a reference, not the strongest
     root = _fake_root(tmp_path / "g", {"rotaug": 0, "mars-off": 10, "pseudo": 25, "mars-x": 12}, dataset="craters-l10")
     _fake_root(root, {"rotaug": 0, "mars-x": 12}, dataset="craters-unseen")
@@ -316,7 +323,8 @@ def test_a_tap_is_read_against_mars_off_where_the_regime_has_it(tmp_path):
 
 def test_rotaug_bn_is_a_reference_and_never_a_column_of_the_map(tmp_path):
     "Every configuration is compared with rotaug-bn where a regime has it; as a control it is no cell of a regime map."
-    from mars_nb.report import collect, comparisons, regime_effects, summary_table
+    from mars_nb.results import collect, summary_table
+    from mars_nb.compare import comparisons, regime_effects
     root = _fake_root(tmp_path / "g", {"rotaug": 0, "rotaug-bn": 5, "pseudo": 25, "mars-x": 12}, dataset="craters-l10")
     runs, _ = collect(root)
     table = summary_table(runs)

@@ -60,7 +60,8 @@ def test_the_study_grids_use_the_weights_val_chose():
     multiplier."""
     import pandas as pd
     import yaml
-    from mars_nb.report import choose_weights, weight_multiplier
+    from mars_nb.results import weight_multiplier
+    from mars_nb.report import choose_weights
 
     def chosen(report):
         c = choose_weights(pd.read_csv(ROOT / "reports" / report / "weight_curves.csv"))
