@@ -40,11 +40,12 @@ weights: $(STAMP)
 	$(VENV)/bin/mars-ablate grids/weights-l10.yaml --jobs $(JOBS)
 
 # The regime study (grids/regimes.yaml): label-scarce craters with unlabelled images, unseen angles, and the trees;
-# then the same on the ImageNet-pretrained Lite0 backbone (grids/regimes-lite0.yaml): one study, one report in
+# then the same on the ImageNet-pretrained Lite0 backbone (grids/regimes-lite0.yaml), and the unseen angles with the
+# consistency terms reaching them unlabelled (grids/regimes-unseen-all.yaml): one study, one report in
 # reports/regimes/. A multi-day job on 2 cores (`mars-ablate ... --status` counts the runs and the hours left):
 # resumable, and `mars-ablate --shard k/n` splits it over machines that share the folder.
 regimes: $(STAMP)
-	$(VENV)/bin/mars-ablate grids/regimes.yaml grids/regimes-lite0.yaml --jobs $(JOBS)
+	$(VENV)/bin/mars-ablate grids/regimes.yaml grids/regimes-lite0.yaml grids/regimes-unseen-all.yaml --jobs $(JOBS)
 
 reports-quick: $(STAMP)
 	$(VENV)/bin/mars-ablate grids/quick.yaml --jobs $(JOBS)

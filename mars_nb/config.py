@@ -231,6 +231,8 @@ class TrainConfig(YamlConfig):
     warmup: int = 20
     angles: AnglePolicy = field(default_factory=AnglePolicy)          # view 2's angle
     view1_angles: AnglePolicy | None = None   # None: view 1 upright; a policy: view 1 turned too (rotaug-any)
+    label_angles: AnglePolicy | None = None   # None: every view supervised; a policy: a view's labels kept only at the
+                                              # angles it covers (elsewhere IGNORE: the view passes unlabelled)
     seed: int = 0
     device: str = "auto"              # auto | cpu | cuda
     devices: int = 1                  # processes per node (DDP when > 1 or num_nodes > 1): one per GPU
@@ -255,6 +257,10 @@ class TrainConfig(YamlConfig):
               "views of the training batches; mode 'none' trains on the upright view alone: use mode 'rotaug'")
         _need(self.view1_angles is None or self.mode != "none", "view1_angles turns view 1; mode 'none' trains it alone "
               "upright by definition: use mode 'rotaug' for two views at random angles")
+        _need(self.label_angles is None or self.mode != "none", "label_angles withholds the labels of turned views; "
+              "mode 'none' trains the upright view alone: use mode 'rotaug' or 'mars'")
+        _need(self.label_angles is None or self.view1_angles is not None or self.label_angles.covers(0.0),
+              "label_angles must cover 0° while view 1 is upright (no view1_angles), or no view is ever supervised at it")
         _need(_finite(self.lr) and self.lr > 0, f"lr must be a finite number > 0, got {self.lr}")
         _need(_finite(self.weight_decay) and self.weight_decay >= 0, f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         _need(self.warmup >= 0, f"warmup must be >= 0 steps, got {self.warmup}")
@@ -308,7 +314,8 @@ def config_diff(old: dict, new: dict, free: tuple = ()) -> dict:
 # %% ../nbs/05_config.ipynb #c032
 RUN_PARAMS = ("name", "dataset", "root", "folds", "class_names", "group", "split_file", "label_map", "labelled",
               "unlabelled", "mode", "preset", "pretrained", "overrides", "steps", "crop", "batch_size", "lr", "train_angles",
-              "view1_angles", "eval_angles", "eval_split", "seed", "device", "devices", "channels_last", "bn_batches", "mars")
+              "view1_angles", "label_angles", "eval_angles", "eval_split", "seed", "device", "devices", "channels_last",
+              "bn_batches", "mars")
 
 def run_name(params: dict) -> str:
     """The name a run gets when none is given: `<dataset>-<mode>[-any]` or `<dataset>-mars-<preset>`, then
@@ -343,7 +350,8 @@ def config_from_params(**params) -> RunConfig:
         "train": {**{k: p[k] for k in ("mode", "steps", "lr", "seed", "device", "devices", "channels_last", "bn_batches")
                      if k in p},
                   "angles": angles,
-                  "view1_angles": angles1},
+                  "view1_angles": angles1,
+                  "label_angles": policy(p.get("label_angles"))},
         "mars": mars,
         "eval": {"angles": p.get("eval_angles"), "split": p.get("eval_split")},
     }

@@ -12,6 +12,7 @@ import torch
 
 from .config import FOLDER_KEYS, AnglePolicy, RunConfig
 from .data import load_dataset
+from .views import IGNORE
 
 # %% auto #0
 __all__ = ['ViewPairs', 'StepSampler', 'collate_pairs', 'stack_views', 'ViewPairData', 'dataset_for', 'recalibration_batches']
@@ -19,11 +20,12 @@ __all__ = ['ViewPairs', 'StepSampler', 'collate_pairs', 'stack_views', 'ViewPair
 # %% ../nbs/05a_pairs.ipynb #c014
 class ViewPairs(torch.utils.data.Dataset):
     """Training pairs `(R_α x, R_β x)` with labels (α = 0 unless `policy1`); item `i` is a pure function of `(seed, i)`.
-    With `unlabelled`, each item also holds a pair from the split `unlabelled` at the same angles (`u_image1`, ...)."""
+    With `unlabelled`, each item also holds a pair from the split `unlabelled` at the same angles (`u_image1`, ...).
+    With `label_policy`, a view keeps its labels only at the angles that policy covers (elsewhere all `IGNORE`)."""
     def __init__(self, ds, crop: int, batch_size: int, policy: AnglePolicy, seed: int, split: str = "train",
-                 policy1: AnglePolicy | None = None, unlabelled: bool = False):
+                 policy1: AnglePolicy | None = None, unlabelled: bool = False, label_policy: AnglePolicy | None = None):
         self.ds, self.crop, self.batch_size, self.policy, self.seed, self.split = ds, crop, batch_size, policy, seed, split
-        self.policy1, self.unlabelled = policy1, unlabelled
+        self.policy1, self.unlabelled, self.label_policy = policy1, unlabelled, label_policy
 
     def angles(self, batch: int) -> tuple[float, float]:
         "The (view-1, view-2) angles shared by global batch `batch`."
@@ -35,6 +37,9 @@ class ViewPairs(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         a1, a2 = self.angles(i // self.batch_size)
         item = self.ds.sample_views(self.split, self.crop, a2, np.random.default_rng([self.seed, i]), angle1=a1)
+        for v, a in (("1", a1), ("2", a2)):                 # a view turned where no label is kept passes unlabelled
+            if self.label_policy is not None and not self.label_policy.covers(a):
+                item[f"label{v}"] = torch.full_like(torch.as_tensor(item[f"label{v}"]), IGNORE)
         if self.unlabelled:
             u = self.ds.sample_views("unlabelled", self.crop, a2, np.random.default_rng([self.seed, 0x0B5E, i]), angle1=a1)
             item.update({f"u_{k}": u[k] for k in ("image1", "label1", "image2", "label2")})
@@ -91,7 +96,8 @@ class ViewPairData(L.LightningDataModule):
         start = self.trainer.global_step if self.trainer is not None else 0
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
         pairs = ViewPairs(self.ds, c.crop, c.batch_size, t.angles, t.seed, policy1=t.view1_angles,
-                          unlabelled=c.unlabelled and t.mode == "mars")     # only a consistency term can use them
+                          unlabelled=c.unlabelled and t.mode == "mars",     # only a consistency term can use them
+                          label_policy=t.label_angles)
         return torch.utils.data.DataLoader(pairs, batch_size=c.batch_size, collate_fn=collate_pairs,
                                            sampler=StepSampler(start, t.steps, c.batch_size, rank, world))
 

@@ -20,14 +20,16 @@ __all__ = ['ANGLE_SETS', 'CONTROLS', 'SUMMARY_COLUMNS', 'seen_angles', 'angle_se
 
 # %% ../nbs/08_results.ipynb #c005
 def seen_angles(run_dir: str | Path, angles) -> np.ndarray:
-    """Which evaluation `angles` a run turned its training images to: view 1's (upright unless `view1_angles`) and
-    view 2's policies, modulo 360 (mode `none` sees the upright image only)."""
+    """Which evaluation `angles` a run was trained on with labels: those its view 1 (upright unless `view1_angles`)
+    and view 2 policies turn images to, modulo 360 (mode `none` sees the upright image only), and of those, where
+    `label_angles` keeps labels at some angles only, the ones it covers."""
     from mars_nb.config import AnglePolicy  # noqa: PLC0415
     t = (yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}).get("train") or {}
     policies = [] if t.get("mode", "rotaug") == "none" else [AnglePolicy(**t.get("angles") or {})]
     if t.get("view1_angles"): policies.append(AnglePolicy(**t["view1_angles"]))
-    return np.array([(t.get("view1_angles") is None and a % 360 == 0) or any(p.covers(a) for p in policies)
-                     for a in np.asarray(angles, float)], dtype=bool)
+    labels = AnglePolicy(**t["label_angles"]) if t.get("label_angles") else None
+    return np.array([((t.get("view1_angles") is None and a % 360 == 0) or any(p.covers(a) for p in policies))
+                     and (labels is None or labels.covers(a)) for a in np.asarray(angles, float)], dtype=bool)
 
 
 ANGLE_SETS = ("all", "seen", "unseen", "reversed")

@@ -379,6 +379,20 @@ def test_the_lite0_regimes_join_the_regime_study_without_a_name_in_common():
     assert off.data.unlabelled and off.mars["stages"]["backbone"]["weight"] == 0
 
 
+def test_the_unseen_all_regime_turns_view_2_everywhere_and_keeps_labels_within_45_degrees():
+    from conftest import ROOT
+    from mars_nb.config import AnglePolicy, config_from_params
+    grid = {r.name: r for r in load_grid(ROOT / "grids" / "regimes-unseen-all.yaml")}
+    study = [r for g in ("regimes", "regimes-lite0") for r in load_grid(ROOT / "grids" / f"{g}.yaml")]
+    assert len(grid) == 7 * 5 and not set(grid) & {r.name for r in study}
+    assert {r.out_dir.parent for r in grid.values()} == {r.out_dir.parent for r in study}         # one report
+    for name in ("craters-unseen-all-mars-pixel-s2", "craters-unseen-all-rotaug-s0", "craters-unseen-all-pseudo-s4"):
+        cfg = config_from_params(**grid[name].params)
+        assert cfg.train.angles == AnglePolicy("range", [0.0, 360.0]) and cfg.train.view1_angles is None
+        assert cfg.train.label_angles == AnglePolicy("range", [-45.0, 45.0]) and cfg.data.folds == 5, name
+        assert not cfg.data.unlabelled and cfg.data.labelled == 1.0, name
+
+
 def test_an_attempt_removes_the_sockets_a_killed_kernel_left(grid, monkeypatch):
     import socket
     import papermill

@@ -258,3 +258,15 @@ def test_the_shortcut_check_finds_the_shared_component_of_a_committed_pixel_run(
     table = shortcut_markdown(check.reset_index()).splitlines()
     assert table[0] == "| config | mask_features | ms0 | ms1 | ms2 |" and table[2].startswith("| mars-off | ")
     assert f"{x100['mean_share']:.3f} · {x100['consistency']:.3f} · {x100['consistency_centred']:.3f}" in table[3]
+
+
+def test_a_run_with_labels_at_some_angles_only_was_trained_on_the_angles_they_cover(tmp_path):
+    "View 2 at every angle, labels within ±45° (`label_angles`): the angles seen in training are the labelled ones."
+    import numpy as np
+    from mars_nb.config import AnglePolicy, DataConfig, RunConfig, TrainConfig
+    from mars_nb.results import angle_set, seen_angles
+    t = TrainConfig(angles=AnglePolicy("range", [0.0, 360.0]), label_angles=AnglePolicy("range", [-45.0, 45.0]))
+    RunConfig(name="r", data=DataConfig(dataset="craters"), train=t).to_yaml(tmp_path / "config.yaml")
+    angles = (0.0, 30.0, 90.0, 180.0, 330.0)
+    np.testing.assert_array_equal(seen_angles(tmp_path, angles), [True, True, False, False, True])
+    np.testing.assert_array_equal(angle_set(tmp_path, angles, "reversed"), [False, False, False, True, False])

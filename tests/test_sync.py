@@ -72,7 +72,7 @@ def test_the_study_grids_use_the_weights_val_chose():
     stage = {"backbone": "backbone", "pixel": "pixel_decoder", "attention": "attention"}
     full, scarce = chosen("weights"), chosen("weights-l10")
     grids = {n: yaml.safe_load((ROOT / "grids" / f"{n}.yaml").read_text())["configs"]
-             for n in ("default", "regimes", "regimes-lite0")}
+             for n in ("default", "regimes", "regimes-lite0", "regimes-unseen-all")}
     for name, configs in grids.items():
         for tap, key in stage.items():
             if name != "regimes-lite0" or f"mars-{tap}" in configs:          # Lite0 runs fewer taps

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mars_nb.config import (AnglePolicy, ConfigError, DataConfig, EvalConfig, ModelConfig, RunConfig, TrainConfig,
-                            config_from_params)
+from mars_nb.config import (RUN_PARAMS, AnglePolicy, ConfigError, DataConfig, EvalConfig, ModelConfig, RunConfig,
+                            TrainConfig, config_from_params)
 from mars_nb.pairs import StepSampler, ViewPairData, ViewPairs, collate_pairs, dataset_for
 from mars_nb.files import FolderLock, RunLocked
 from mars_nb.runfolder import load_trained, read_log
@@ -282,6 +282,9 @@ def test_two_process_ddp_on_cpu(tmp_path):
     ({"train": {"mode": "none", "view1_angles": {"kind": "range", "values": [0, 360]}}},
      ["view1_angles turns view 1", "mode 'none'", "use mode 'rotaug'"]),
     ({"train": {"share_every": -1}}, ["share_every must be >= 0 steps (0: never), got -1"]),
+    ({"train": {"mode": "none", "label_angles": {"kind": "range", "values": [-45, 45]}}},
+     ["label_angles withholds", "mode 'none'"]),
+    ({"train": {"label_angles": {"kind": "range", "values": [90, 180]}}}, ["label_angles must cover 0°", "view 1 is upright"]),
     ({"train": {"view1_angles": {"kind": "range", "values": [90, 0]}}}, ["RunConfig.train.view1_angles", "lo < hi", "[90.0, 0.0]"]),
     ({"data": {"dataset": "nuclei", "folds": 5}}, ["folds=5", "a dataset that has folds", "['craters']"]),
     ({"data": {"dataset": "folder", "root": "somewhere", "folds": 5}}, ["folds=5", "['craters']"]),
@@ -534,7 +537,7 @@ def test_params_map_the_new_parameters_onto_the_config():
     assert config_from_params(view1_angles=[0, 90]).train.view1_angles == AnglePolicy("discrete", [0.0, 90.0])
     d = config_from_params()
     assert d.data.folds is None and d.train.view1_angles is None and d.eval.split == "test"
-    assert {"folds", "view1_angles", "eval_split"} <= set(__import__("mars_nb.config").config.RUN_PARAMS)
+    assert {"folds", "view1_angles", "eval_split"} <= set(RUN_PARAMS)
     with pytest.raises(ConfigError, match="eval split 'holdout'"):
         config_from_params(eval_split="holdout")
 
@@ -569,6 +572,29 @@ def test_label_scarce_runs_name_their_regime_and_feed_unlabelled_crops_to_mars_o
                                "train": {**cfg.train.to_dict(), "steps": 2, "log_every": 1, "ckpt_every": 2}})
     fit(run, tmp_path, progress=False)
     assert np.isfinite(read_log(tmp_path)["train/mars/output"].astype(float)).all()
+
+
+def test_label_angles_withhold_the_labels_of_views_turned_elsewhere_and_the_run_trains(tmp_path):
+    "View 2 at 30° or 180°, labels kept within ±45°: a batch turned to 180° reaches the module with view 2 unlabelled."
+    near = {"kind": "range", "values": [-45, 45]}
+    cfg = config_from_params(mode="mars", mars="pixel", train_angles=[30, 180], label_angles=near, steps=2, crop=64,
+                             batch_size=2, seed=1)
+    assert cfg.train.label_angles == AnglePolicy("range", [-45.0, 45.0]) and "label_angles" in RUN_PARAMS
+    cfg.to_yaml(tmp_path / "c.yaml")
+    assert RunConfig.from_yaml(tmp_path / "c.yaml") == cfg
+    plain = ViewPairData(config_from_params(mode="mars", mars="pixel", train_angles=[30, 180], steps=8, crop=64,
+                                            batch_size=2, seed=1))
+    data = ViewPairData(RunConfig.from_dict({**cfg.to_dict(), "train": {**cfg.train.to_dict(), "steps": 8}}))
+    plain.trainer = data.trainer = None
+    seen = set()
+    for a, b in zip(plain.train_dataloader(), data.train_dataloader()):
+        assert a["angle2"] == b["angle2"] and torch.equal(a["image2"], b["image2"]) and torch.equal(a["label1"], b["label1"])
+        far = b["angle2"] == 180.0
+        assert (b["label2"] == IGNORE).all() if far else torch.equal(a["label2"], b["label2"])
+        seen.add(far)
+    assert seen == {True, False}, "both kinds of batch were drawn"
+    fit(cfg, tmp_path / "run", progress=False)
+    assert np.isfinite(read_log(tmp_path / "run")["train/loss"].astype(float)).all()
 
 
 def test_mars_off_forwards_the_unlabelled_crops_and_adds_no_consistency():
