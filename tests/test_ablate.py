@@ -384,7 +384,7 @@ def test_the_unseen_all_regime_turns_view_2_everywhere_and_keeps_labels_within_4
     from mars_nb.config import AnglePolicy, config_from_params
     grid = {r.name: r for r in load_grid(ROOT / "grids" / "regimes-unseen-all.yaml")}
     study = [r for g in ("regimes", "regimes-lite0") for r in load_grid(ROOT / "grids" / f"{g}.yaml")]
-    assert len(grid) == 7 * 5 and not set(grid) & {r.name for r in study}
+    assert len(grid) == 9 * 5 and not set(grid) & {r.name for r in study}    # 7 configurations, 2 more at x100
     assert {r.out_dir.parent for r in grid.values()} == {r.out_dir.parent for r in study}         # one report
     for name in ("craters-unseen-all-mars-pixel-s2", "craters-unseen-all-rotaug-s0", "craters-unseen-all-pseudo-s4"):
         cfg = config_from_params(**grid[name].params)

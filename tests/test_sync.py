@@ -87,9 +87,13 @@ def test_the_study_grids_use_the_weights_val_chose():
     centred = {"pixel-centred": "pixel"} if "pixel-centred" in scarce else {}
     reweighted = {n: weight_multiplier(n) for n in configs if weight_multiplier(n)[1] is not None}
     assert {name[len("mars-"):] for name, _ in reweighted.values()} == changed | set(centred)
-    lite0 = {n: weight_multiplier(n) for n in grids["regimes-lite0"] if weight_multiplier(n)[1] is not None}
+    lite0 = {n: weight_multiplier(n) for g in ("regimes-lite0", "regimes-unseen-all") for n in grids[g]
+             if weight_multiplier(n)[1] is not None}                    # the other grids: some of the same taps
     assert lite0 and {name[len("mars-"):] for name, _ in lite0.values()} <= changed | set(centred)
-    configs = {**configs, **grids["regimes-lite0"]}
+    for g in ("regimes-lite0", "regimes-unseen-all"):
+        same = lambda a, b: (a["mode"], a["mars"]) == (b["mode"], b["mars"])
+        assert all(same(configs.get(n, grids[g][n]), grids[g][n]) for n in grids[g] if n in lite0), g   # one meaning
+    configs = {**configs, **grids["regimes-lite0"], **grids["regimes-unseen-all"]}
     for n, (name, mult) in {**reweighted, **lite0}.items():
         tap = name[len("mars-"):]
         base = centred.get(tap, tap)
