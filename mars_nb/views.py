@@ -126,13 +126,18 @@ def _check_map(x, name: str) -> None:
     if x.shape[-2] == 0 or x.shape[-1] == 0:
         raise ValueError(f"{name} must have a non-empty spatial size, got shape {tuple(x.shape)}")
 
-def rotate(x: Tensor, angle: float, mode: str = "bilinear", fill: float = 0.0) -> Tensor:
-    "Rotate `x` [..., H, W] by `angle` degrees CCW about its centre; same shape; outside pixels get `fill`."
-    _check_map(x, "x")
+def _check_sampled(x, name: str, mode: str) -> None:
+    "`_check_map`, and a sampling `mode` that can apply to `x`: bilinear needs floating values."
+    _check_map(x, name)
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
     if mode == "bilinear" and not x.is_floating_point():
-        raise ValueError(f"bilinear rotation needs a floating tensor, got {x.dtype}; use mode='nearest' or rotate_labels")
+        raise ValueError(f"bilinear sampling needs a floating {name}, got {x.dtype}; use mode='nearest' (rotate_labels) "
+                         "for labels")
+
+def rotate(x: Tensor, angle: float, mode: str = "bilinear", fill: float = 0.0) -> Tensor:
+    "Rotate `x` [..., H, W] by `angle` degrees CCW about its centre; same shape; outside pixels get `fill`."
+    _check_sampled(x, "x", mode)
     a = _angle(angle)
     H, W = x.shape[-2:]
     q = _quarter(a)
@@ -191,11 +196,7 @@ def _point(center, name: str = "center") -> tuple[float, float]:
 def rotated_crop(source: Tensor, center: tuple[float, float], size: tuple[int, int], angle: float,
                  mode: str = "bilinear", fill: float | None = None) -> Tensor:
     "Crop of `size` around `center` of `source` [..., H, W] whose content is the upright crop rotated by `angle` CCW."
-    _check_map(source, "source")
-    if mode not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-    if mode == "bilinear" and not source.is_floating_point():
-        raise ValueError(f"bilinear sampling needs a floating source, got {source.dtype}; use mode='nearest' for labels")
+    _check_sampled(source, "source", mode)
     h, w = _size(size)
     cy, cx = _point(center)
     a = _angle(angle)
