@@ -226,7 +226,7 @@ def rotated_crops(source: Tensor, centers, size: tuple[int, int], angle: float, 
     """`rotated_crop` around each of `centers` at one `angle`, stacked: [N, ..., h, w]. The windows of
     all crops share one sampling grid (same size, same offset of the centre), so they are resampled in
     one call instead of N; crops that do not share it (clipped at the border) are taken one by one."""
-    _check_map(source, "source")
+    _check_sampled(source, "source", mode)
     h, w = _size(size)
     centers = [_point(c) for c in centers]
     if not centers:
@@ -248,10 +248,6 @@ def rotated_crops(source: Tensor, centers, size: tuple[int, int], angle: float, 
             for i, _, _ in members:
                 out[i] = rotated_crop(source, centers[i], (h, w), a, mode, fill)
             continue
-        if mode not in _MODES:
-            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-        if mode == "bilinear" and not source.is_floating_point():
-            raise ValueError(f"bilinear sampling needs a floating source, got {source.dtype}; use mode='nearest' for labels")
         hh, ww, ry, rx = key
         windows = torch.stack([source[..., y0:y0 + hh, x0:x0 + ww] for _, y0, x0 in members])
         f = fill if fill is not None else 0.0 if source.is_floating_point() else IGNORE

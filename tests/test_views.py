@@ -587,6 +587,9 @@ C4 = Lattice.centred(4)
     (lambda: valid_mask((4, 4), 10, margin=-1), "margin"),
     (lambda: rotated_crop(torch.zeros(8, 8), (4, 4), (2, -2), 10), "positive integers"),
     (lambda: rotated_crop(torch.zeros(8, 8), (4, None), (2, 2), 10), "center"),
+    (lambda: rotated_crop(torch.zeros(8, 8, dtype=torch.long), (4, 4), (2, 2), 10), "floating source"),
+    (lambda: rotated_crops(torch.zeros(8, 8), [(4, 4), (4, 5)], (2, 2), 10, mode="cubic"), "mode must be one of"),
+    (lambda: rotated_crops(torch.zeros(8, 8, dtype=torch.long), [(4, 4)], (2, 2), 10), "floating source"),
     (lambda: footprint_radius((3,)), "positive integers"),
     (lambda: warp_back(torch.zeros(1, 4, 4), 10, (16, 16), C4), "4-d"),
     (lambda: warp_back(torch.zeros(1, 1, 4, 4), 10, (16, 16), 4), "lattice must be a Lattice"),  # the old int stride
