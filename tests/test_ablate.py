@@ -369,9 +369,9 @@ def test_the_lite0_regimes_join_the_regime_study_without_a_name_in_common():
     from mars_nb.config import config_from_params
     lite0 = {r.name: r for r in load_grid(ROOT / "grids" / "regimes-lite0.yaml")}
     tiny = {r.name: r for r in load_grid(ROOT / "grids" / "regimes.yaml")}
-    assert len(lite0) == 2 * 7 * 5 + 10 and not set(lite0) & set(tiny)  # 7 configurations (mars-off and rotaug-bn among
-    assert {n for n in lite0 if "-x" in n} == {f"craters-l10-lite0-mars-pixel{c}-x100-s{s}"       # them), + 2 at 10 %
-                                               for c in ("", "-centred") for s in range(5)}
+    assert len(lite0) == 2 * 10 * 5 + 10 and not set(lite0) & set(tiny)  # 10 configurations (mars-off, rotaug-bn and
+    assert {n for n in lite0 if "-x" in n} == {f"craters-l10-lite0-mars-pixel{c}-x100-s{s}"       # pseudo among them),
+                                               for c in ("", "-centred") for s in range(5)}       # + 2 at 10 %
     assert {r.out_dir.parent for r in lite0.values()} == {r.out_dir.parent for r in tiny.values()}    # one report
     cfg = config_from_params(**lite0["craters-l10-lite0-mars-hybrid-s3"].params)
     assert cfg.model.preset == "lite0" and cfg.data.labelled == 0.1 and cfg.data.unlabelled
