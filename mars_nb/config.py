@@ -147,6 +147,12 @@ class AnglePolicy(YamlConfig):
         lo, hi = self.values
         return (orientation - lo) % 360 < hi - lo or hi - lo >= 360
 
+    def meets(self, other: "AnglePolicy") -> bool:
+        "Whether this policy and `other` share an orientation (two arcs meet where one holds the other's start)."
+        if self.kind == "discrete": return any(other.covers(v) for v in self.values)
+        if other.kind == "discrete": return any(self.covers(v) for v in other.values)
+        return self.covers(other.values[0]) or other.covers(self.values[0])
+
 # %% ../nbs/05_config.ipynb #c010
 MODES = ("none", "rotaug", "mars")
 STRIDE = 32        # Mask2Former's coarsest stride: training crops are a multiple of it
@@ -261,6 +267,9 @@ class TrainConfig(YamlConfig):
               "mode 'none' trains the upright view alone: use mode 'rotaug' or 'mars'")
         _need(self.label_angles is None or self.view1_angles is not None or self.label_angles.covers(0.0),
               "label_angles must cover 0° while view 1 is upright (no view1_angles), or no view is ever supervised at it")
+        _need(self.label_angles is None or self.view1_angles is None or self.label_angles.meets(self.view1_angles)
+              or self.label_angles.meets(self.angles), "label_angles covers no angle that view1_angles or angles "
+              "turns a view to: no view would ever be supervised")
         _need(_finite(self.lr) and self.lr > 0, f"lr must be a finite number > 0, got {self.lr}")
         _need(_finite(self.weight_decay) and self.weight_decay >= 0, f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         _need(self.warmup >= 0, f"warmup must be >= 0 steps, got {self.warmup}")

@@ -39,7 +39,7 @@ class ViewPairs(torch.utils.data.Dataset):
         item = self.ds.sample_views(self.split, self.crop, a2, np.random.default_rng([self.seed, i]), angle1=a1)
         for v, a in (("1", a1), ("2", a2)):                 # a view turned where no label is kept passes unlabelled
             if self.label_policy is not None and not self.label_policy.covers(a):
-                item[f"label{v}"] = torch.full_like(torch.as_tensor(item[f"label{v}"]), IGNORE)
+                item[f"label{v}"] = torch.full_like(item[f"label{v}"], IGNORE)
         if self.unlabelled:
             u = self.ds.sample_views("unlabelled", self.crop, a2, np.random.default_rng([self.seed, 0x0B5E, i]), angle1=a1)
             item.update({f"u_{k}": u[k] for k in ("image1", "label1", "image2", "label2")})

@@ -33,9 +33,9 @@ def seen_angles(run_dir: str | Path, angles) -> np.ndarray:
 
 
 ANGLE_SETS = ("all", "seen", "unseen", "reversed")
-"""Subsets of the evaluation angles, per run: all of them; those it turned its training images to; those it did not;
-and `reversed`, the unseen angles a half-turn from seen ones — where a fixed light (the craters' sun, the trees'
-shadows) falls from the opposite side of anything trained on (135–225° for training within ±45°)."""
+"""Subsets of the evaluation angles, per run: all of them; those it was trained on with labels (`seen_angles`);
+the rest; and `reversed`, the unseen angles a half-turn from seen ones — where a fixed light (the craters' sun, the
+trees' shadows) falls from the opposite side of anything trained on (135–225° for training within ±45°)."""
 
 
 def angle_sets(run_dir: str | Path, angles) -> dict[str, np.ndarray]:

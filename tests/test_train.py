@@ -63,6 +63,10 @@ def test_angle_policy_covers_orientations_modulo_360():
     assert AnglePolicy("range", [0.0, 360.0]).covers(359.9) and AnglePolicy("range", [-360.0, 360.0]).covers(123)
     quarter = AnglePolicy()                                     # discrete 90, 180, 270
     assert [quarter.covers(a) for a in (0, 90, -90, 450, 45)] == [False, True, True, True, False]
+    assert ahead.meets(AnglePolicy("range", [30.0, 100.0])) and AnglePolicy("range", [30.0, 100.0]).meets(ahead)
+    assert ahead.meets(AnglePolicy("range", [300.0, 320.0])) and not ahead.meets(AnglePolicy("range", [45.0, 315.0]))
+    assert not ahead.meets(quarter) and quarter.meets(AnglePolicy("range", [80.0, 100.0]))
+    assert not quarter.meets(AnglePolicy("discrete", [0.0, 45.0])) and quarter.meets(AnglePolicy("discrete", [-90.0]))
 
 
 def test_params_map_onto_the_config():
@@ -285,6 +289,8 @@ def test_two_process_ddp_on_cpu(tmp_path):
     ({"train": {"mode": "none", "label_angles": {"kind": "range", "values": [-45, 45]}}},
      ["label_angles withholds", "mode 'none'"]),
     ({"train": {"label_angles": {"kind": "range", "values": [90, 180]}}}, ["label_angles must cover 0°", "view 1 is upright"]),
+    ({"train": {"view1_angles": {"kind": "range", "values": [90, 180]}, "angles": {"kind": "discrete", "values": [90, 180]},
+                "label_angles": {"kind": "range", "values": [-45, 45]}}}, ["label_angles covers no angle", "no view would ever be supervised"]),
     ({"train": {"view1_angles": {"kind": "range", "values": [90, 0]}}}, ["RunConfig.train.view1_angles", "lo < hi", "[90.0, 0.0]"]),
     ({"data": {"dataset": "nuclei", "folds": 5}}, ["folds=5", "a dataset that has folds", "['craters']"]),
     ({"data": {"dataset": "folder", "root": "somewhere", "folds": 5}}, ["folds=5", "['craters']"]),
