@@ -21,13 +21,22 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     without an error, removed otherwise."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")      # hidden, and named so `fit` can sweep stale ones
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")   # hidden; its writer in the name
     try:
         yield tmp
         with open(tmp, "rb+") as f: os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def orphaned(tmp: str | Path) -> bool:
+    """Whether `tmp`, a temporary file of `atomic_write`, was left by a writer that has ended: a process of this host
+    that no longer runs. Another host's, a live writer's, or one that cannot be told (no /proc) is not orphaned."""
+    stem, _, pid = Path(tmp).name.removesuffix(".tmp").rpartition("-")
+    if not (pid.isdigit() and stem.endswith(f".{socket.gethostname()}")) or not Path("/proc/self").is_dir():
+        return False
+    return not Path(f"/proc/{pid}").exists()
 
 
 class RunLocked(RuntimeError):
@@ -72,4 +81,4 @@ class FolderLock:
         self._lock.release()
 
 # %% auto #0
-__all__ = ['atomic_write', 'RunLocked', 'FolderLock']
+__all__ = ['atomic_write', 'orphaned', 'RunLocked', 'FolderLock']

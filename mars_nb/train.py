@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .config import STRIDE, ConfigError, RunConfig
-from .files import FolderLock, RunLocked
+from .files import FolderLock, RunLocked, orphaned
 from .losses import MarsLoss, gradient_shares
 from .model import build_model, mask2former_loss
 from .pairs import ViewPairData, recalibration_batches, stack_views
@@ -246,7 +246,7 @@ def fit(cfg: RunConfig, out_dir: str | Path, progress: bool = True, ds=None, **t
                         "trainings in one folder would mix their checkpoints: wait for it, or give another out_dir")
     try:
         for tmp in [*out.glob(".*.tmp"), *out.glob("checkpoints/.*.tmp")] if first else []:
-            tmp.unlink(missing_ok=True)     # halves of files whose writer was killed; we hold the folder's lock
+            if orphaned(tmp): tmp.unlink(missing_ok=True)   # a killed writer's half; a live one's (the grid's clock) stays
         L.seed_everything(cfg.train.seed, workers=True, verbose=False)
         data = ViewPairData(cfg, ds)
         last = out / "checkpoints" / "last.ckpt"

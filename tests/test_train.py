@@ -110,6 +110,18 @@ def test_two_step_training_run(tmp_path):
     assert (tmp_path / "checkpoints" / "last.ckpt").exists() and (tmp_path / "model.safetensors").exists()
 
 
+def test_fit_sweeps_a_killed_writers_halves_and_leaves_a_live_writers(tmp_path):
+    "The grid runner's clock is written into the run folder while `fit` starts: sweeping it failed the run."
+    import subprocess, sys
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    killed = tmp_path / "checkpoints" / f".last.ckpt.{host}-{ended.stdout.strip()}.tmp"
+    live = tmp_path / f"..seconds.{host}-{os.getpid()}.tmp"
+    for f in (killed, live): f.parent.mkdir(exist_ok=True); f.write_text("half")
+    fit(_cfg(2), tmp_path, progress=False)
+    assert not killed.exists() and live.read_text() == "half"
+
+
 def test_a_run_on_the_rgb_trees_with_ignored_crowns(tmp_path):
     "Three input channels and IGNORE pixels (crowns straddling a band cut) through a MARS run."
     cfg = RunConfig.from_dict({"data": {"dataset": "trees", "crop": 64, "batch_size": 2}, "mars": {"preset": "hybrid"},
