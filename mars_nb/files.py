@@ -34,9 +34,13 @@ def orphaned(tmp: str | Path) -> bool:
     """Whether `tmp`, a temporary file of `atomic_write`, was left by a writer that has ended: a process of this host
     that no longer runs. Another host's, a live writer's, or one that cannot be told (no /proc) is not orphaned."""
     stem, _, pid = Path(tmp).name.removesuffix(".tmp").rpartition("-")
-    if not (pid.isdigit() and stem.endswith(f".{socket.gethostname()}")) or not Path("/proc/self").is_dir():
-        return False
-    return not Path(f"/proc/{pid}").exists()
+    host = socket.gethostname() if stem.endswith(f".{socket.gethostname()}") else ""
+    return _can_see(host, pid) and not Path(f"/proc/{pid}").exists()
+
+
+def _can_see(host: str, pid: str) -> bool:
+    "Whether process `pid` of `host` can be looked up here: a process id of this host, which has a /proc to read."
+    return host == socket.gethostname() and pid.isdigit() and Path("/proc/self/fd").is_dir()
 
 
 class RunLocked(RuntimeError):
@@ -71,8 +75,7 @@ class FolderLock:
         runner away): on Linux, whether the process that signed it still has the file open; where that cannot be
         read (another host, no /proc), whether the file exists."""
         host, _, pid = self.holder().partition(" ")
-        if host != socket.gethostname() or not pid.isdigit() or not Path("/proc/self/fd").is_dir():
-            return self.path.exists()
+        if not _can_see(host, pid): return self.path.exists()
         target = str(self.path.resolve())
         try: return any(os.readlink(fd) == target for fd in Path(f"/proc/{pid}/fd").iterdir())
         except OSError: return False                       # the signer has ended
